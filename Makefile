@@ -1,0 +1,47 @@
+# agentmount — quick start: `make mount` then `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+MNT    ?= mnt
+TARGET ?=
+PYTEST_ARGS ?=
+
+.PHONY: deps venv venv-test mount umount test bench clean
+
+deps:
+	@PYTHON=$(PYTHON) ./scripts/ensure-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	@PYTHON=$(PYTHON) ./scripts/ensure-deps.sh
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --disable-pip-version-check -e .
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	@$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+venv-test: $(VENV)/.installed-test
+
+mount: venv
+	@mkdir -p $(MNT)
+	@$(BIN)/agentmount mount $(MNT)
+	@echo ""
+	@echo "Workspaces are the directories of $(MNT)/ (the embedded default has 'default'). Try:"
+	@echo "  echo hi > $(MNT)/default/x && cat $(MNT)/default/x"
+	@echo "  mkdir $(MNT)/project-b                     # a new workspace"
+	@echo "  $(BIN)/agentmount status                    # peer, store and workspaces"
+	@echo "  make umount                                 # unmount (waits for pending uploads)"
+
+umount: venv
+	@$(BIN)/agentmount umount $(MNT)
+
+test: venv-test
+	@$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	@$(BIN)/python bench/run.py $(if $(TARGET),--target $(TARGET),)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

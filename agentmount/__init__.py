@@ -1,0 +1,2 @@
+"""agentmount: a replicated FUSE filesystem for fleets of AI agents."""
+__version__ = "0.1.0"

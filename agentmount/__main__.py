@@ -1,0 +1,5 @@
+import sys
+
+from agentmount.cli import main
+
+sys.exit(main())

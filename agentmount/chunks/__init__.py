@@ -1,0 +1,1 @@
+"""File content: slices of immutable zstd blocks, caches, upload/download scheduling."""

@@ -1,0 +1,83 @@
+"""Block object format: a small header then the (zstd-compressed) payload.
+
+Layout (little endian):
+  magic  b"AMB" | version u8 (1) | codec u8 (0 raw, 1 zstd) | reserved 3 bytes
+  plain_len u32 | xxh3-128 digest of the plain bytes (16 bytes) | payload
+A block decodes only if the magic, version, length and checksum all match;
+anything else raises CorruptBlock. Encoding never stores a compressed payload
+that is not smaller than the plain bytes.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+
+import xxhash
+import zstandard
+
+MAGIC = b"AMB"
+VERSION = 1
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+_HEADER = struct.Struct("<3sBB3xI16s")
+HEADER_SIZE = _HEADER.size
+
+_local = threading.local()
+
+
+class CorruptBlock(Exception):
+    """A block object failed its format or checksum verification."""
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_local, "c", None)
+    if cache is None:
+        cache = _local.c = {}
+    c = cache.get(level)
+    if c is None:
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "d", None)
+    if d is None:
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def checksum(data: bytes | memoryview) -> bytes:
+    return xxhash.xxh3_128_digest(data)
+
+
+def encode(plain: bytes | memoryview, level: int = 1) -> bytes:
+    """Return the block object for `plain` (call from a worker thread for big blocks)."""
+    digest = checksum(plain)
+    comp = _compressor(level).compress(plain)
+    if len(comp) < len(plain):
+        return _HEADER.pack(MAGIC, VERSION, CODEC_ZSTD, len(plain), digest) + comp
+    return _HEADER.pack(MAGIC, VERSION, CODEC_RAW, len(plain), digest) + bytes(plain)
+
+
+def decode(obj: bytes) -> bytes:
+    """Return the verified plain bytes of a block object or raise CorruptBlock."""
+    if len(obj) < HEADER_SIZE:
+        raise CorruptBlock("short block")
+    magic, ver, codec, plain_len, digest = _HEADER.unpack_from(obj)
+    if magic != MAGIC or ver != VERSION:
+        raise CorruptBlock("bad block header")
+    payload = memoryview(obj)[HEADER_SIZE:]
+    if codec == CODEC_RAW:
+        plain = bytes(payload)
+    elif codec == CODEC_ZSTD:
+        try:
+            plain = _decompressor().decompress(payload, max_output_size=plain_len)
+        except zstandard.ZstdError as e:
+            raise CorruptBlock(f"zstd: {e}") from None
+    else:
+        raise CorruptBlock(f"unknown codec {codec}")
+    if len(plain) != plain_len:
+        raise CorruptBlock("length mismatch")
+    if checksum(plain) != digest:
+        raise CorruptBlock("checksum mismatch")
+    return plain

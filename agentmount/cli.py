@@ -1,0 +1,220 @@
+"""The `agentmount` command line. Exit status: 0 ok, 1 failure, 2 bad usage or config."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import trio
+
+from agentmount import config as config_mod
+from agentmount import control
+from agentmount.errors import ConfigError, FsError, MountError
+
+
+def _load(args) -> config_mod.Config:
+    return config_mod.load(getattr(args, "config", None))
+
+
+def cmd_mount(args) -> int:
+    from agentmount import daemon
+    cfg = _load(args)
+    if not os.path.isdir(args.mountpoint) and not os.path.exists(args.mountpoint):
+        raise MountError(f"mountpoint {args.mountpoint} does not exist")
+    code = daemon.mount(cfg, args.mountpoint, args.foreground)
+    if code == 0 and not args.foreground:
+        print(f"agentmount: mounted {os.path.abspath(args.mountpoint)}")
+    return code
+
+
+def _mount_pid(mp: str) -> int | None:
+    try:
+        return int(os.getxattr(mp, "user.agentmount.pid"))
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited already.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cmd_umount(args) -> int:
+    mp = os.path.abspath(args.mountpoint)
+    try:
+        os.stat(mp)
+    except OSError as e:
+        if e.errno == 107:  # ENOTCONN: the daemon is gone, detach what is left
+            from agentmount.daemon import detach
+            detach(mp)
+            print(f"agentmount: {mp}: detached a stale mount")
+            return 0
+        raise MountError(f"{mp}: {e.strerror}") from None
+    if not os.path.ismount(mp):
+        raise MountError(f"{mp} is not mounted")
+    pid = _mount_pid(mp)
+    r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise MountError(f"cannot unmount {mp}: {r.stderr.strip() or 'fusermount3 failed'}")
+    if pid is not None:
+        deadline = time.monotonic() + args.timeout
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise MountError(f"the peer (pid {pid}) has not finished committing after {args.timeout:.0f}s")
+            time.sleep(0.05)
+    return 0
+
+
+def _with_store(cfg, fn):
+    from agentmount.daemon import open_store
+
+    async def run():
+        store = open_store(cfg)
+        try:
+            return await fn(store)
+        finally:
+            await store.aclose()
+    return trio.run(run)
+
+
+def cmd_status(args) -> int:
+    cfg = _load(args)
+    resp = control.request(cfg.node.data_dir, {"cmd": "status"})
+    out: dict = {"node": cfg.node.name, "data_dir": cfg.node.data_dir,
+                 "stores": [{"name": s.name, "kind": s.kind, "path": s.path} for s in cfg.stores]}
+    if resp and resp.get("ok"):
+        out["running"] = True
+        out.update(resp["result"])
+    else:
+        from agentmount.meta.workspaces import list_workspaces
+        out["running"] = False
+        out["workspaces"] = sorted(_with_store(cfg, list_workspaces))
+    for st in out["stores"]:
+        st["healthy"] = os.access(st["path"], os.W_OK) if st["path"] else None
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return 0
+    print(f"node {out['node']}: {'running (pid %d)' % out['pid'] if out['running'] else 'not running'}")
+    for st in out["stores"]:
+        print(f"store {st['name']} ({st['kind']} {st['path']}): {'ok' if st['healthy'] else 'UNAVAILABLE'}")
+    ws = out["workspaces"]
+    if isinstance(ws, dict):
+        for name, w in sorted(ws.items()):
+            print(f"workspace {name}: {w['inodes']} inodes, seq {w['seq']} (durable {w['durable_seq']}), "
+                  f"epoch {w['epoch']}, {w['dirty_files']} dirty, {w['open_files']} open"
+                  + (f", JOURNAL ERROR {w['journal_error']}" if w["journal_error"] else ""))
+        print(f"write buffer {out['write_buffer_bytes']} B, uploads in flight {out['uploads_in_flight']}, "
+              f"memory cache {out['memory_cache_bytes']} B")
+    else:
+        for name in ws:
+            print(f"workspace {name}")
+    return 0
+
+
+def cmd_workspace(args) -> int:
+    from agentmount.meta import workspaces as wsreg
+    cfg = _load(args)
+    if args.action == "list":
+        resp = control.request(cfg.node.data_dir, {"cmd": "workspace.list"})
+        names = resp["result"] if resp and resp.get("ok") else sorted(_with_store(cfg, wsreg.list_workspaces))
+        for n in names:
+            print(n)
+        return 0
+    if not args.name:
+        raise ConfigError("workspace name required")
+    if not wsreg.valid_name(args.name):
+        print(f"agentmount: invalid workspace name {args.name!r}", file=sys.stderr)
+        return 2
+    cmd = {"create": "workspace.create", "delete": "workspace.delete"}[args.action]
+    req = {"cmd": cmd, "name": args.name, "force": getattr(args, "force", False), "uid": os.getuid(),
+           "gid": os.getgid(), "mode": int(getattr(args, "mode", "755") or "755", 8)}
+    resp = control.request(cfg.node.data_dir, req)
+    if resp is not None:
+        if not resp.get("ok"):
+            raise FsError(resp.get("errno", 5), resp.get("error", ""))
+    elif args.action == "create":
+        _with_store(cfg, lambda s: wsreg.create_workspace(s, args.name, uid=os.getuid(), gid=os.getgid(),
+                                                          mode=req["mode"], chunk_size=cfg.chunk_size))
+    else:
+        async def delete(store):
+            known = await wsreg.list_workspaces(store)
+            if args.name not in known:
+                raise FsError(2, f"no workspace {args.name}")
+            return await wsreg.delete_workspace(store, args.name)
+        _with_store(cfg, delete)
+    print(f"workspace {args.name} {args.action}d")
+    return 0
+
+
+def cmd_fsck(args) -> int:
+    from agentmount import fsck
+    cfg = _load(args)
+    return _with_store(cfg, lambda store: fsck.run(store, cfg, args.workspace, verify_data=not args.quick,
+                                                   out=sys.stdout))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentmount", description="A replicated FUSE filesystem for AI agents.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp):
+        sp.add_argument("-c", "--config", help="mount.conf (default: $AGENTMOUNT_CONFIG or the embedded default)")
+        return sp
+
+    m = with_config(sub.add_parser("mount", help="mount the filesystem"))
+    m.add_argument("mountpoint")
+    m.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    m.set_defaults(fn=cmd_mount)
+    u = sub.add_parser("umount", help="unmount, waiting for pending uploads and commits")
+    u.add_argument("mountpoint")
+    u.add_argument("--timeout", type=float, default=600.0)
+    u.set_defaults(fn=cmd_umount)
+    s = with_config(sub.add_parser("status", help="show the peer, stores and workspaces"))
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+    f = with_config(sub.add_parser("fsck", help="verify namespaces and blocks"))
+    f.add_argument("workspace", nargs="?")
+    f.add_argument("--quick", action="store_true", help="check block presence only, not checksums")
+    f.set_defaults(fn=cmd_fsck)
+    w = with_config(sub.add_parser("workspace", help="create, list or delete workspaces"))
+    w.add_argument("action", choices=["create", "list", "delete"])
+    w.add_argument("name", nargs="?")
+    w.add_argument("--mode", default="755", help="octal mode of a new workspace's root (create)")
+    w.add_argument("--force", action="store_true", help="delete a workspace that is not empty")
+    w.set_defaults(fn=cmd_workspace)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"agentmount: config error: {e}", file=sys.stderr)
+        return 2
+    except MountError as e:
+        print(f"agentmount: {e}", file=sys.stderr)
+        return 1
+    except FsError as e:
+        print(f"agentmount: {os.strerror(e.errno)}{': ' + e.args[1] if e.args[1] != os.strerror(e.errno) else ''}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Loading and validating `mount.conf` (TOML) into typed settings.
+
+Every key is declared here with its type and check; anything unknown or
+invalid raises ConfigError naming the key (the CLI exits 2 on it). The
+embedded default (no `-c`) lives under $AGENTMOUNT_HOME.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentmount.errors import ConfigError
+
+WORKSPACE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class NodeConfig:
+    name: str = "local"
+    data_dir: str = ""
+    listen: str | None = None
+    secret_key: str | None = None
+    public_key: str | None = None
+
+
+@dataclass
+class StoreConfig:
+    name: str
+    kind: str
+    path: str | None = None
+    fsync: bool = True
+
+
+@dataclass
+class CacheConfig:
+    dir: str = ""
+    size_mb: int = 10240
+    memory_mb: int = 512
+
+
+@dataclass
+class FsConfig:
+    block_size_kb: int = 4096
+    chunk_size_mb: int = 64
+    zstd_level: int = 1
+    commit_window_ms: int = 20
+    write_buffer_mb: int = 512
+    readahead_blocks: int = 4
+    upload_concurrency: int = 8
+    download_concurrency: int = 8
+    compact_slices: int = 16
+    snapshot_records: int = 20000
+    gc_grace_s: float = 30.0
+    attr_timeout_s: float = 1.0
+    entry_timeout_s: float = 1.0
+    store_timeout_s: float = 60.0
+
+
+@dataclass
+class LogConfig:
+    level: str = "warning"
+    file: str | None = None
+
+
+@dataclass
+class Config:
+    node: NodeConfig
+    stores: list[StoreConfig]
+    cache: CacheConfig
+    fs: FsConfig
+    log: LogConfig
+    workspaces: list[str] = field(default_factory=list)
+    write_quorum: int = 1
+    path: str | None = None
+
+    @property
+    def block_size(self) -> int:
+        return self.fs.block_size_kb * 1024
+
+    @property
+    def chunk_size(self) -> int:
+        return self.fs.chunk_size_mb * 1024 * 1024
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _nonneg_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+def _str(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+_NODE = {"name": _str, "data_dir": _str, "listen": _str, "secret_key": _str, "public_key": _str}
+_STORE = {"name": _str, "kind": lambda v: v in ("local", "s3"), "path": _str, "fsync": lambda v: isinstance(v, bool),
+          "endpoint": _str, "bucket": _str, "prefix": lambda v: isinstance(v, str), "region": _str,
+          "access_key": _str, "secret_key": _str}
+_CACHE = {"dir": _str, "size_mb": _positive_int, "memory_mb": _positive_int}
+_FS = {
+    "block_size_kb": lambda v: _positive_int(v) and 64 <= v <= 16384 and (v & (v - 1)) == 0,
+    "chunk_size_mb": lambda v: _positive_int(v) and 1 <= v <= 1024 and (v & (v - 1)) == 0,
+    "zstd_level": lambda v: isinstance(v, int) and not isinstance(v, bool) and -7 <= v <= 22,
+    "commit_window_ms": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10000,
+    "write_buffer_mb": _positive_int,
+    "readahead_blocks": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64,
+    "upload_concurrency": _positive_int,
+    "download_concurrency": _positive_int,
+    "compact_slices": lambda v: _positive_int(v) and v >= 2,
+    "snapshot_records": _positive_int,
+    "gc_grace_s": _nonneg_num,
+    "attr_timeout_s": _nonneg_num,
+    "entry_timeout_s": _nonneg_num,
+    "store_timeout_s": lambda v: _nonneg_num(v) and v > 0,
+}
+_LOG = {"level": lambda v: v in ("debug", "info", "warning", "error"), "file": _str}
+_REPL = {"write_quorum": _positive_int}
+_WS = {"name": lambda v: isinstance(v, str) and bool(WORKSPACE_NAME_RE.match(v))}
+_TOP = {"node", "peer", "store", "replication", "cache", "fs", "log", "workspace", "webhook"}
+_HINT = {
+    "block_size_kb": "a power of two between 64 and 16384",
+    "chunk_size_mb": "a power of two between 1 and 1024",
+    "kind": '"local" or "s3"',
+    "level": '"debug", "info", "warning" or "error"',
+    "name": "letters, digits, '.', '_' or '-' (at most 64, not starting with '.', '_' or '-')",
+}
+
+
+def _check_table(where: str, table: Any, spec: dict, required: tuple[str, ...] = ()) -> dict:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    for k, v in table.items():
+        if k not in spec:
+            raise ConfigError(f"{where}.{k}: unknown key")
+        if not spec[k](v):
+            hint = _HINT.get(k, "")
+            raise ConfigError(f"{where}.{k}: invalid value {v!r}" + (f" (expected {hint})" if hint else ""))
+    for k in required:
+        if k not in table:
+            raise ConfigError(f"{where}.{k}: required key missing")
+    return table
+
+
+def default_home() -> str:
+    return os.environ.get("AGENTMOUNT_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share", "agentmount")
+
+
+def embedded_default() -> Config:
+    """The configuration used without -c: one local store and workspace `default` under $AGENTMOUNT_HOME."""
+    home = default_home()
+    return Config(
+        node=NodeConfig(name="local", data_dir=os.path.join(home, "data")),
+        stores=[StoreConfig(name="local", kind="local", path=os.path.join(home, "store"))],
+        cache=CacheConfig(dir=os.path.join(home, "cache")),
+        fs=FsConfig(),
+        log=LogConfig(),
+        workspaces=["default"],
+        path=None,
+    )
+
+
+def parse(text: str, path: str | None = None) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path or 'config'}: not valid TOML: {e}") from None
+    for k in raw:
+        if k not in _TOP:
+            raise ConfigError(f"{k}: unknown key")
+    node_t = _check_table("node", raw.get("node", {}), _NODE, ("data_dir",))
+    node = NodeConfig(**node_t)
+    node.data_dir = os.path.abspath(os.path.expanduser(node.data_dir))
+    if "peer" in raw:
+        raise ConfigError("peer: several peers are not supported by this version (single-peer mode only)")
+    if "webhook" in raw:
+        raise ConfigError("webhook: webhooks are not supported by this version")
+    stores_raw = raw.get("store")
+    if not stores_raw:
+        raise ConfigError("store: at least one [[store]] is required")
+    if not isinstance(stores_raw, list):
+        raise ConfigError("store: must be an array of tables ([[store]])")
+    stores = []
+    names = set()
+    for i, st in enumerate(stores_raw):
+        t = _check_table(f"store[{i}]", st, _STORE, ("name", "kind"))
+        if t["name"] in names:
+            raise ConfigError(f"store[{i}].name: duplicate store name {t['name']!r}")
+        names.add(t["name"])
+        if t["kind"] == "s3":
+            raise ConfigError(f"store[{i}].kind: \"s3\" stores are not supported by this version")
+        if "path" not in t:
+            raise ConfigError(f"store[{i}].path: required for kind \"local\"")
+        extra = set(t) - {"name", "kind", "path", "fsync"}
+        if extra:
+            raise ConfigError(f"store[{i}].{sorted(extra)[0]}: only valid for kind \"s3\"")
+        stores.append(StoreConfig(name=t["name"], kind=t["kind"], path=os.path.abspath(os.path.expanduser(t["path"])),
+                                  fsync=t.get("fsync", True)))
+    if len(stores) > 1:
+        raise ConfigError("store: several stores (replication) are not supported by this version")
+    repl = _check_table("replication", raw.get("replication", {}), _REPL)
+    wq = repl.get("write_quorum", len(stores) // 2 + 1)
+    if wq > len(stores):
+        raise ConfigError(f"replication.write_quorum: {wq} is more than the {len(stores)} configured store(s)")
+    cache_t = _check_table("cache", raw.get("cache", {}), _CACHE)
+    cache = CacheConfig(**cache_t)
+    cache.dir = os.path.abspath(os.path.expanduser(cache.dir)) if cache.dir else os.path.join(node.data_dir, "cache")
+    fs = FsConfig(**_check_table("fs", raw.get("fs", {}), _FS))
+    if fs.block_size_kb * 1024 > fs.chunk_size_mb * 1024 * 1024:
+        raise ConfigError("fs.block_size_kb: larger than fs.chunk_size_mb")
+    log = LogConfig(**_check_table("log", raw.get("log", {}), _LOG))
+    wss_raw = raw.get("workspace", [])
+    if not isinstance(wss_raw, list):
+        raise ConfigError("workspace: must be an array of tables ([[workspace]])")
+    workspaces = []
+    for i, w in enumerate(wss_raw):
+        t = _check_table(f"workspace[{i}]", w, _WS, ("name",))
+        if t["name"] in workspaces:
+            raise ConfigError(f"workspace[{i}].name: duplicate workspace {t['name']!r}")
+        workspaces.append(t["name"])
+    return Config(node=node, stores=stores, cache=cache, fs=fs, log=log, workspaces=workspaces, write_quorum=wq,
+                  path=path)
+
+
+def load(path: str | None) -> Config:
+    """Load the config at `path`, or $AGENTMOUNT_CONFIG, or the embedded default."""
+    path = path or os.environ.get("AGENTMOUNT_CONFIG") or None
+    if path is None:
+        return embedded_default()
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8") from None
+    return parse(text, os.path.abspath(path))

@@ -1,0 +1,107 @@
+"""The control socket of a running peer: `<data_dir>/control.sock`, JSON lines.
+
+The daemon answers `status`, `workspace.list/create/delete`; the CLI uses it
+when a peer is running on that data dir and falls back to the store when not.
+Only the socket's owner can connect (mode 0600).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+
+import trio
+
+from agentmount.errors import FsError
+
+log = logging.getLogger("agentmount.control")
+
+
+def socket_path(data_dir: str) -> str:
+    return os.path.join(data_dir, "control.sock")
+
+
+async def serve(path: str, vfs, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        try:
+            while b"\n" not in buf:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            req = json.loads(buf.split(b"\n", 1)[0])
+            try:
+                result = await _dispatch(vfs, req)
+                resp = {"ok": True, "result": result}
+            except FsError as e:
+                resp = {"ok": False, "error": os.strerror(e.errno), "errno": e.errno}
+            await stream.send_all(json.dumps(resp).encode() + b"\n")
+        except Exception:  # noqa: BLE001 - a bad client must not hurt the daemon
+            log.exception("control request failed")
+        finally:
+            await stream.aclose()
+
+    task_status.started()
+    try:
+        await trio.serve_listeners(handle, [listener])
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+async def _dispatch(vfs, req: dict):
+    cmd = req.get("cmd")
+    if cmd == "status":
+        return vfs.status()
+    if cmd == "workspace.list":
+        return sorted(vfs.workspaces)
+    if cmd == "workspace.create":
+        await vfs.create_workspace(req["name"], req.get("uid", os.getuid()), req.get("gid", os.getgid()),
+                                   req.get("mode", 0o755))
+        return req["name"]
+    if cmd == "workspace.delete":
+        await vfs.delete_workspace(req["name"], force=bool(req.get("force")))
+        return req["name"]
+    raise FsError(22, f"unknown command {cmd!r}")
+
+
+def request(data_dir: str, req: dict, timeout: float = 120.0) -> dict | None:
+    """Send one request to the peer on `data_dir`; None when no peer is running there."""
+    path = socket_path(data_dir)
+    if not os.path.exists(path):
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        return None
+    try:
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    return json.loads(buf) if buf else None

@@ -1,0 +1,248 @@
+"""Running a mount: checks before mounting, daemonizing, serving, clean shutdown.
+
+`mount()` validates everything it can before the fork so errors reach the
+caller as one line, then (unless foreground) forks; the parent returns only
+when the child reports the mount is serving, or fails with the child's
+reason. The child holds an exclusive lock on its data dir for its lifetime.
+SIGTERM/SIGINT, or an external unmount, end the main loop; then every
+buffer is committed, journals flushed, snapshots written, and the mount
+detached.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import trio
+
+from agentmount import control, logs
+from agentmount.chunks.blockio import BlockIO
+from agentmount.chunks.cache import DiskCache, MemoryCache
+from agentmount.config import Config
+from agentmount.errors import MountError
+from backend.local import LocalStore
+from backend.store import ObjectStore, StoreError
+
+log = logging.getLogger("agentmount.daemon")
+
+
+def open_store(cfg: Config) -> ObjectStore:
+    sc = cfg.stores[0]
+    return LocalStore(sc.path, sc.name, fsync=sc.fsync)
+
+
+def check_mountpoint(mp: str) -> None:
+    try:
+        os.stat(mp)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mp} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            # A previous daemon died: detach its stale mount and go on.
+            print(f"agentmount: {mp}: stale mount (transport endpoint not connected); detaching it",
+                  file=sys.stderr)
+            detach(mp)
+            os.stat(mp)
+        else:
+            raise MountError(f"mountpoint {mp}: {e.strerror}") from None
+    if not os.path.isdir(mp):
+        raise MountError(f"mountpoint {mp} is not a directory")
+    if os.path.ismount(mp):
+        raise MountError(f"mountpoint {mp} is already mounted")
+    try:
+        if os.listdir(mp):
+            raise MountError(f"mountpoint {mp} is not empty")
+    except PermissionError:
+        raise MountError(f"mountpoint {mp}: permission denied") from None
+
+
+def detach(mp: str) -> None:
+    for cmd in (["fusermount3", "-u", "-z", mp], ["umount", "-l", mp]):
+        try:
+            if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+                return
+        except FileNotFoundError:
+            continue
+
+
+def lock_data_dir(data_dir: str) -> int:
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        raise MountError(f"data dir {data_dir}: {e.strerror}") from None
+    fd = os.open(os.path.join(data_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            pid = os.pread(fd, 32, 0).decode().strip()
+        except OSError:
+            pid = "?"
+        os.close(fd)
+        raise MountError(f"data dir {data_dir} is in use by another agentmount peer (pid {pid})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def preflight(cfg: Config, mp: str) -> None:
+    check_mountpoint(mp)
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing (load the fuse module or pass --device /dev/fuse)")
+    for sc in cfg.stores:
+        store = LocalStore(sc.path, sc.name)
+        try:
+            store._check_sync()
+        except StoreError as e:
+            raise MountError(str(e)) from None
+    try:
+        os.makedirs(cfg.cache.dir, exist_ok=True)
+    except OSError as e:
+        raise MountError(f"cache dir {cfg.cache.dir}: {e.strerror}") from None
+
+
+def mount(cfg: Config, mp: str, foreground: bool) -> int:
+    mp = os.path.abspath(mp)
+    preflight(cfg, mp)
+    if foreground:
+        logs.setup(cfg.log.level, cfg.log.file)
+        lock_fd = lock_data_dir(cfg.node.data_dir)
+        return _serve(cfg, mp, None, lock_fd)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        code = 1
+        try:
+            os.setsid()
+            logfile = cfg.log.file or os.path.join(cfg.node.data_dir, "agentmount.log")
+            os.makedirs(os.path.dirname(logfile), exist_ok=True)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(devnull, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            os.chdir("/")
+            logs.setup(cfg.log.level, None)
+            try:
+                lock_fd = lock_data_dir(cfg.node.data_dir)
+            except MountError as e:
+                os.write(wfd, f"ERR {e}\n".encode())
+                os._exit(1)
+            code = _serve(cfg, mp, wfd, lock_fd)
+        except BaseException:  # noqa: BLE001
+            log.exception("daemon failed")
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    msg = b""
+    while True:
+        chunk = os.read(rfd, 4096)
+        if not chunk:
+            break
+        msg += chunk
+        if msg.endswith(b"\n"):
+            break
+    os.close(rfd)
+    text = msg.decode(errors="replace").strip()
+    if text == "OK":
+        return 0
+    if text.startswith("ERR "):
+        raise MountError(text[4:])
+    raise MountError("the mount daemon exited before serving (see its log in the data dir)")
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
+
+
+def _serve(cfg: Config, mp: str, ready_fd: int | None, lock_fd: int) -> int:
+    try:
+        try:
+            return trio.run(_main, cfg, mp, ready_fd)
+        except BaseExceptionGroup as g:
+            raise _unwrap(g) from None
+    except MountError as e:
+        if ready_fd is not None:
+            os.write(ready_fd, f"ERR {e}\n".encode())
+            return 1
+        raise
+    finally:
+        os.close(lock_fd)
+
+
+def _set_readahead(mp: str) -> None:
+    """Ask the kernel for 1 MiB reads on this mount (root only; best effort)."""
+    try:
+        dev = os.stat(mp).st_dev
+        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write("1024")
+    except OSError:
+        pass
+
+
+async def _main(cfg: Config, mp: str, ready_fd: int | None) -> int:
+    import pyfuse3
+
+    from agentmount.fuse.ops import Operations, mount_options
+    from agentmount.vfs.vfs import VFS
+
+    store = open_store(cfg)
+    mem = MemoryCache(cfg.cache.memory_mb << 20)
+    disk = DiskCache(cfg.cache.dir, cfg.cache.size_mb << 20)
+    if isinstance(store, LocalStore):
+        disk.disabled_reason = "the store is a local directory"
+    else:
+        await trio.to_thread.run_sync(disk.load)
+    blockio = BlockIO(store, mem, disk, level=cfg.fs.zstd_level, upload_concurrency=cfg.fs.upload_concurrency,
+                      download_concurrency=cfg.fs.download_concurrency, timeout=cfg.fs.store_timeout_s)
+    async with trio.open_nursery() as nursery:
+        vfs = VFS(cfg, store, blockio, nursery)
+        try:
+            await vfs.load_workspaces()
+        except StoreError as e:
+            raise MountError(f"store {cfg.stores[0].name}: {e}") from None
+        ops = Operations(vfs, cfg.fs.attr_timeout_s, cfg.fs.entry_timeout_s)
+        try:
+            pyfuse3.init(ops, mp, mount_options(f"agentmount:{cfg.node.name}"))
+        except RuntimeError as e:
+            raise MountError(f"cannot mount {mp}: {e}") from None
+        stopping = False
+        try:
+            await nursery.start(control.serve, control.socket_path(cfg.node.data_dir), vfs)
+
+            async def signals() -> None:
+                nonlocal stopping
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                    async for _ in sigs:
+                        log.warning("signal received: committing and unmounting")
+                        stopping = True
+                        pyfuse3.terminate()
+                        return
+
+            async def announce() -> None:
+                await trio.to_thread.run_sync(_set_readahead, mp)
+                await trio.to_thread.run_sync(os.stat, mp)
+                if ready_fd is not None:
+                    os.write(ready_fd, b"OK\n")
+                    os.close(ready_fd)
+                log.warning("mounted %s (pid %d)", mp, os.getpid())
+
+            nursery.start_soon(signals)
+            nursery.start_soon(announce)
+            await pyfuse3.main(min_tasks=2, max_tasks=64)
+        finally:
+            with trio.CancelScope(shield=True):
+                await vfs.shutdown()
+                pyfuse3.close(unmount=True)
+                log.warning("unmounted %s%s", mp, " (signal)" if stopping else "")
+        nursery.cancel_scope.cancel()
+    return 0

@@ -1,0 +1,223 @@
+"""`Operations`: pyfuse3 request handlers. Decode, call the VFS, encode errno.
+
+Nothing here holds state beyond the VFS reference and cache timeouts. Any
+FsError becomes FUSEError(errno); any other exception is logged and becomes
+EIO, so a bug never hangs or crashes the mount.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+
+import pyfuse3
+
+from agentmount.errors import FsError
+from agentmount.vfs.vfs import VFS, Attr
+
+log = logging.getLogger("agentmount.fuse")
+
+
+def _errors(fn):
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    """See module docstring."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, vfs: VFS, attr_timeout: float = 1.0, entry_timeout: float = 1.0) -> None:
+        super().__init__()
+        self.vfs = vfs
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = 4096
+        e.st_blocks = (a.size + 511) // 512
+        e.st_atime_ns = a.atime
+        e.st_mtime_ns = a.mtime
+        e.st_ctime_ns = a.ctime
+        return e
+
+    @_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._entry(await self.vfs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list):
+        return None
+
+    @_errors
+    async def getattr(self, inode, ctx=None):
+        return self._entry(await self.vfs.getattr(inode))
+
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        changes = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_size:
+            changes["size"] = attr.st_size
+        if fields.update_atime:
+            changes["atime"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime"] = attr.st_mtime_ns
+        return self._entry(await self.vfs.setattr(inode, changes))
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        return await self.vfs.readlink(inode)
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._entry(await self.vfs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        import stat
+        return self._entry(await self.vfs.mknod(parent_inode, name, (mode & 0o7777) | stat.S_IFDIR, 0,
+                                                ctx.uid, ctx.gid))
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        import stat
+        return self._entry(await self.vfs.mknod(parent_inode, name, stat.S_IFLNK | 0o777, 0, ctx.uid, ctx.gid,
+                                                target=target))
+
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self.vfs.unlink(parent_inode, name, is_dir=False)
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.vfs.unlink(parent_inode, name, is_dir=True)
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._entry(await self.vfs.link(inode, new_parent_inode, new_name))
+
+    @_errors
+    async def open(self, inode, flags, ctx):
+        fh = await self.vfs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        fh, attr = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(attr)
+
+    @_errors
+    async def read(self, fh, off, size):
+        return await self.vfs.read(fh, off, size)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        return await self.vfs.write(fh, off, buf)
+
+    @_errors
+    async def flush(self, fh):
+        await self.vfs.flush(fh)
+
+    @_errors
+    async def release(self, fh):
+        await self.vfs.release(fh)
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        await self.vfs.fsync(fh, datasync)
+
+    @_errors
+    async def opendir(self, inode, ctx):
+        return await self.vfs.opendir(inode)
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        for name, attr, nxt in await self.vfs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._entry(attr), nxt):
+                break
+
+    @_errors
+    async def releasedir(self, fh):
+        await self.vfs.releasedir(fh)
+
+    @_errors
+    async def fsyncdir(self, fh, datasync):
+        await self.vfs.fsyncdir(fh)
+
+    @_errors
+    async def statfs(self, ctx):
+        s = await self.vfs.statfs()
+        r = pyfuse3.StatvfsData()
+        r.f_bsize = s["bsize"]
+        r.f_frsize = s["frsize"]
+        r.f_blocks = s["blocks"]
+        r.f_bfree = s["bfree"]
+        r.f_bavail = s["bavail"]
+        r.f_files = s["files"]
+        r.f_ffree = s["ffree"]
+        r.f_favail = s["favail"]
+        r.f_namemax = s["namemax"]
+        return r
+
+    @_errors
+    async def setxattr(self, inode, name, value, ctx):
+        await self.vfs.setxattr(inode, name, value)
+
+    @_errors
+    async def getxattr(self, inode, name, ctx):
+        return await self.vfs.getxattr(inode, name)
+
+    @_errors
+    async def listxattr(self, inode, ctx):
+        return await self.vfs.listxattr(inode)
+
+    @_errors
+    async def removexattr(self, inode, name, ctx):
+        await self.vfs.removexattr(inode, name)
+
+    async def access(self, inode, mode, ctx):
+        # Only reached without default_permissions; the kernel checks modes itself.
+        return True
+
+
+def mount_options(fsname: str) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts.add(f"fsname={fsname}")
+    opts.add("subtype=agentmount")
+    if os.getuid() == 0:
+        opts.add("allow_other")
+    return opts

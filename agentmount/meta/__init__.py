@@ -1,0 +1,1 @@
+"""The namespace of a workspace: state machine, journal, snapshots, service."""

@@ -1,0 +1,258 @@
+"""Journal segments, snapshots and recovery of one workspace's namespace.
+
+Keys: `ws/<ws>/journal/<epoch:010d>-<first_seq:016d>` hold a batch of
+records (msgpack, wrapped in the checksummed block format);
+`ws/<ws>/snapshots/<seq:016d>` hold the whole state after record `seq`.
+
+The committer writes one segment at a time, so the durable journal is always
+a gap-free prefix. Recovery = newest readable snapshot + replay of later
+records in seq order, checking continuity; records of an epoch are ignored
+from the first seq a newer epoch wrote (they come from a deposed writer).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import msgpack
+import trio
+
+from agentmount.chunks import block
+from agentmount.errors import FsError
+from agentmount.meta.state import NamespaceState
+from backend.store import NotFound, ObjectStore, StoreError
+
+log = logging.getLogger("agentmount.journal")
+
+_SEG_RE = re.compile(r"/journal/(\d{10})-(\d{16})$")
+_SNAP_RE = re.compile(r"/snapshots/(\d{16})$")
+
+
+class RecoveryError(Exception):
+    """The journal or snapshots of a workspace cannot be replayed consistently."""
+
+
+def journal_prefix(ws: str) -> str:
+    return f"ws/{ws}/journal/"
+
+
+def snapshot_prefix(ws: str) -> str:
+    return f"ws/{ws}/snapshots/"
+
+
+def segment_key(ws: str, epoch: int, first: int) -> str:
+    return f"ws/{ws}/journal/{epoch:010d}-{first:016d}"
+
+
+def snapshot_key(ws: str, seq: int) -> str:
+    return f"ws/{ws}/snapshots/{seq:016d}"
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes):
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def encode_segment(ws: str, epoch: int, records: list[dict]) -> bytes:
+    return block.encode(pack({"ws": ws, "epoch": epoch, "first": records[0]["seq"],
+                              "last": records[-1]["seq"], "records": records}), 1)
+
+
+def decode_segment(data: bytes) -> dict:
+    return unpack(block.decode(data))
+
+
+@dataclass
+class Loaded:
+    state: NamespaceState
+    epoch: int           # highest epoch seen in the store
+    snapshot_seq: int
+    replayed: int
+
+
+async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
+    """Recover the state of `ws`: newest valid snapshot, then the journal after it."""
+    state = fresh
+    snap_seq = 0
+    snaps = sorted(((int(m.group(1)), k) for k in await store.list_keys(snapshot_prefix(ws))
+                    if (m := _SNAP_RE.search(k))), reverse=True)
+    for seq, key in snaps:
+        try:
+            data = await store.get(key)
+            obj = await trio.to_thread.run_sync(lambda: unpack(block.decode(data)))
+            state = NamespaceState.from_obj(obj)
+            snap_seq = seq
+            break
+        except (block.CorruptBlock, NotFound, ValueError, KeyError) as e:
+            log.warning("snapshot %s unreadable (%s); trying an older one", key, e)
+    segs = []
+    max_epoch = 0
+    for k in await store.list_keys(journal_prefix(ws)):
+        m = _SEG_RE.search(k)
+        if m:
+            segs.append((int(m.group(1)), int(m.group(2)), k))
+            max_epoch = max(max_epoch, int(m.group(1)))
+    # The first seq each epoch wrote; an older epoch's records from there on are void.
+    epoch_start: dict[int, int] = {}
+    for e, first, _ in segs:
+        epoch_start[e] = min(first, epoch_start.get(e, first))
+
+    def cutoff(e: int) -> float:
+        later = [s for ep, s in epoch_start.items() if ep > e]
+        return min(later) if later else float("inf")
+
+    records: dict[int, tuple[int, dict]] = {}
+    for e, first, key in segs:
+        if first > 10**15:
+            continue
+        limit = cutoff(e)
+        if first >= limit:
+            continue
+        try:
+            seg = decode_segment(await store.get(key))
+        except (block.CorruptBlock, ValueError) as err:
+            raise RecoveryError(f"journal segment {key} is corrupt: {err}") from None
+        for rec in seg["records"]:
+            s = rec["seq"]
+            if s <= state.seq or s >= limit:
+                continue
+            prev = records.get(s)
+            if prev is None or prev[0] < e:
+                records[s] = (e, rec)
+    replayed = 0
+    for s in sorted(records):
+        if s != state.seq + 1:
+            raise RecoveryError(f"workspace {ws}: journal gap after seq {state.seq} (next is {s})")
+        state.apply(records[s][1])
+        replayed += 1
+    return Loaded(state=state, epoch=max_epoch, snapshot_seq=snap_seq, replayed=replayed)
+
+
+class Journal:
+    """Group commit of records into segments; durable-seq tracking for waiters."""
+
+    def __init__(self, store: ObjectStore, ws: str, epoch: int, last_seq: int, *, window: float = 0.02,
+                 timeout: float = 60.0) -> None:
+        self.store = store
+        self.ws = ws
+        self.epoch = epoch
+        self.next_seq = last_seq + 1
+        self.durable_seq = last_seq
+        self.window = window
+        self.timeout = timeout
+        self._pending: list[dict] = []
+        self._wake = trio.Event()
+        self._urgent = False
+        self._progress = trio.Event()
+        self.error: str | None = None
+        self.records_since_snapshot = 0
+        self.segments_written = 0
+        self.closed = False
+
+    def append(self, rec: dict) -> int:
+        """Stamp `rec` with the next seq and queue it for the next segment."""
+        rec["seq"] = seq = self.next_seq
+        rec["epoch"] = self.epoch
+        self.next_seq += 1
+        self._pending.append(rec)
+        self.records_since_snapshot += 1
+        self._wake.set()
+        return seq
+
+    @property
+    def last_seq(self) -> int:
+        return self.next_seq - 1
+
+    async def wait_durable(self, seq: int | None = None) -> None:
+        """Return once record `seq` (default: every record so far) is durable; EIO after the timeout."""
+        if seq is None:
+            seq = self.last_seq
+        if self.durable_seq >= seq:
+            return
+        self._urgent = True
+        self._wake.set()
+        with trio.move_on_after(self.timeout) as scope:
+            while self.durable_seq < seq:
+                ev = self._progress
+                await ev.wait()
+        if scope.cancelled_caught:
+            raise FsError(errno.EIO, f"journal of {self.ws} not durable: {self.error or 'store timeout'}")
+
+    async def run(self) -> None:
+        """The committer task: batches pending records into segments, one put at a time."""
+        backoff = 0.05
+        while True:
+            if not self._pending:
+                self._wake = trio.Event()
+                if self.closed:
+                    return
+                await self._wake.wait()
+            if not self._urgent and self.window > 0:
+                await trio.sleep(self.window)
+            self._urgent = False
+            batch = self._pending
+            self._pending = []
+            data = await trio.to_thread.run_sync(encode_segment, self.ws, self.epoch, batch)
+            key = segment_key(self.ws, self.epoch, batch[0]["seq"])
+            while True:
+                try:
+                    with trio.fail_after(self.timeout):
+                        await self.store.put(key, data)
+                    self.error = None
+                    backoff = 0.05
+                    break
+                except (StoreError, trio.TooSlowError) as e:
+                    self.error = str(e) or type(e).__name__
+                    log.error("journal segment %s not written (%s); retrying", key, self.error)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+            self.segments_written += 1
+            self.durable_seq = batch[-1]["seq"]
+            ev, self._progress = self._progress, trio.Event()
+            ev.set()
+
+    async def close(self) -> None:
+        """Flush everything pending and stop the committer once drained."""
+        await self.wait_durable()
+        self.closed = True
+        self._wake.set()
+
+
+async def write_snapshot(store: ObjectStore, state: NamespaceState) -> str:
+    obj = state.to_obj()
+    data = await trio.to_thread.run_sync(lambda: block.encode(pack(obj), 1))
+    key = snapshot_key(state.ws, state.seq)
+    await store.put(key, data)
+    return key
+
+
+async def prune(store: ObjectStore, ws: str, snapshot_seq: int, keep_snapshots: int = 2) -> int:
+    """Delete segments wholly covered by the snapshot at `snapshot_seq`, and older snapshots."""
+    removed = 0
+    segs = []
+    for k in await store.list_keys(journal_prefix(ws)):
+        m = _SEG_RE.search(k)
+        if m:
+            segs.append((int(m.group(2)), k))
+    segs.sort()
+    # A segment is covered when the next one starts at or before snapshot_seq + 1.
+    for i, (first, key) in enumerate(segs):
+        nxt = segs[i + 1][0] if i + 1 < len(segs) else None
+        if nxt is not None and nxt <= snapshot_seq + 1:
+            await store.delete(key)
+            removed += 1
+    snaps = sorted(k for k in await store.list_keys(snapshot_prefix(ws)) if _SNAP_RE.search(k))
+    for k in snaps[:-keep_snapshots]:
+        await store.delete(k)
+        removed += 1
+    return removed
+
+
+def now_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,366 @@
+"""Namespace services: the metadata API the VFS calls, and its local form.
+
+`NamespaceService` is the interface (so a later remote-leader client can
+stand in for it). `LocalNamespace` validates each operation against the live
+state, turns it into one journal record, applies it, and queues the record
+for group commit. Nothing here touches the store on a lookup: the state is
+in memory. Errors are FsError with the errno Linux gives.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import stat as st
+from typing import Callable
+
+import trio
+
+from agentmount.chunks.layout import Slice, slice_block_keys
+from agentmount.errors import FsError
+from agentmount.meta import journal as jr
+from agentmount.meta.state import ROOT_INO, Inode, NamespaceState
+from backend.store import ObjectStore
+
+log = logging.getLogger("agentmount.meta")
+
+NAME_MAX = 255
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or name in (b".", b".."):
+        raise FsError(errno.EINVAL)
+
+
+class NamespaceService:
+    """Metadata operations of one workspace (local inode numbers)."""
+
+    ws: str
+    chunk_size: int
+
+    async def lookup(self, parent: int, name: bytes) -> Inode: raise NotImplementedError
+    async def getattr(self, ino: int) -> Inode: raise NotImplementedError
+    async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+                    target: bytes | None = None) -> Inode: raise NotImplementedError
+    async def link(self, ino: int, parent: int, name: bytes) -> Inode: raise NotImplementedError
+    async def unlink(self, parent: int, name: bytes, is_dir: bool, is_open: Callable[[int], bool]) -> Inode:
+        raise NotImplementedError
+    async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, flags: int,
+                     is_open: Callable[[int], bool]) -> None: raise NotImplementedError
+    async def setattr(self, ino: int, changes: dict) -> Inode: raise NotImplementedError
+    async def readdir(self, ino: int) -> list[tuple[bytes, int]]: raise NotImplementedError
+    async def getxattr(self, ino: int, name: bytes) -> bytes: raise NotImplementedError
+    async def listxattr(self, ino: int) -> list[bytes]: raise NotImplementedError
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None: raise NotImplementedError
+    async def removexattr(self, ino: int, name: bytes) -> None: raise NotImplementedError
+    async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int) -> int:
+        raise NotImplementedError
+    async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice]) -> int:
+        raise NotImplementedError
+    async def free(self, ino: int) -> None: raise NotImplementedError
+    async def slices(self, ino: int, chunk: int) -> list[Slice]: raise NotImplementedError
+    async def sync(self, seq: int | None = None) -> None: raise NotImplementedError
+
+
+class LocalNamespace(NamespaceService):
+    """The namespace held in this process; see module docstring."""
+
+    def __init__(self, store: ObjectStore, state: NamespaceState, journal: jr.Journal, *,
+                 snapshot_records: int = 20000, gc_grace: float = 30.0) -> None:
+        self.store = store
+        self.state = state
+        self.ws = state.ws
+        self.chunk_size = state.chunk_size
+        self.journal = journal
+        self.snapshot_records = snapshot_records
+        self.gc_grace = gc_grace
+        self._garbage: list[tuple[int, float, list[Slice]]] = []
+        self._gc_wake = trio.Event()
+        self._snapshot_lock = trio.Lock()
+        self.blocks_deleted = 0
+        self.on_gc: Callable[[str], object] | None = None
+
+    # -- helpers -----------------------------------------------------------------------
+    def _node(self, ino: int) -> Inode:
+        node = self.state.inodes.get(ino)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        return node
+
+    def _dir(self, ino: int) -> Inode:
+        node = self._node(ino)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if node.nlink == 0:
+            raise FsError(errno.ENOENT)
+        return node
+
+    def _commit(self, rec: dict) -> int:
+        rec.setdefault("t", jr.now_ns())
+        seq = self.journal.append(rec)
+        dropped = self.state.apply(rec)
+        if dropped:
+            self._garbage.append((seq, trio.current_time() + self.gc_grace, dropped))
+            self._gc_wake.set()
+        return seq
+
+    # -- queries -----------------------------------------------------------------------
+    async def lookup(self, parent: int, name: bytes) -> Inode:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        d = self._dir(parent)
+        if name == b".":
+            return d
+        if name == b"..":
+            return self._node(d.parent)
+        ino = self.state.dirs[parent].get(name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        return self.state.inodes[ino]
+
+    async def getattr(self, ino: int) -> Inode:
+        return self._node(ino)
+
+    async def readdir(self, ino: int) -> list[tuple[bytes, int]]:
+        d = self._dir(ino)
+        return [(b".", ino), (b"..", d.parent)] + list(self.state.dirs[ino].items())
+
+    async def slices(self, ino: int, chunk: int) -> list[Slice]:
+        return list(self._node(ino).chunks.get(chunk, ()))
+
+    # -- namespace changes -------------------------------------------------------------
+    async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+                    target: bytes | None = None) -> Inode:
+        check_name(name)
+        d = self._dir(parent)
+        if name in self.state.dirs[parent]:
+            raise FsError(errno.EEXIST)
+        if d.mode & st.S_ISGID:
+            gid = d.gid
+            if st.S_ISDIR(mode):
+                mode |= st.S_ISGID
+        ino = self.state.next_ino
+        self.state.next_ino += 1
+        rec = {"op": "mknod", "ino": ino, "parent": parent, "name": name, "mode": mode, "uid": uid, "gid": gid}
+        if rdev:
+            rec["rdev"] = rdev
+        if target is not None:
+            rec["target"] = target
+        self._commit(rec)
+        return self.state.inodes[ino]
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        check_name(name)
+        node = self._node(ino)
+        if node.is_dir:
+            raise FsError(errno.EPERM)
+        self._dir(parent)
+        if name in self.state.dirs[parent]:
+            raise FsError(errno.EEXIST)
+        if node.nlink == 0:
+            raise FsError(errno.ENOENT)
+        self._commit({"op": "link", "ino": ino, "parent": parent, "name": name})
+        return node
+
+    async def unlink(self, parent: int, name: bytes, is_dir: bool, is_open: Callable[[int], bool]) -> Inode:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        self._dir(parent)
+        ino = self.state.dirs[parent].get(name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        node = self.state.inodes[ino]
+        if is_dir:
+            if not node.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if ino == ROOT_INO:
+                raise FsError(errno.EBUSY)
+            if self.state.dirs[ino]:
+                raise FsError(errno.ENOTEMPTY)
+        elif node.is_dir:
+            raise FsError(errno.EISDIR)
+        last = node.nlink <= 1 or node.is_dir
+        self._commit({"op": "unlink", "parent": parent, "name": name,
+                      "free": bool(last and not is_open(ino))})
+        return node
+
+    def _is_ancestor(self, anc: int, ino: int) -> bool:
+        """Whether directory `anc` is `ino` or one of its ancestors."""
+        seen = 0
+        while True:
+            if ino == anc:
+                return True
+            if ino == ROOT_INO or seen > 100000:
+                return False
+            ino = self.state.inodes[ino].parent
+            seen += 1
+
+    async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, flags: int,
+                     is_open: Callable[[int], bool]) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL)
+        check_name(dn)
+        if len(sn) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        self._dir(sp)
+        self._dir(dp)
+        sino = self.state.dirs[sp].get(sn)
+        if sino is None:
+            raise FsError(errno.ENOENT)
+        src = self.state.inodes[sino]
+        dino = self.state.dirs[dp].get(dn)
+        dst = self.state.inodes[dino] if dino is not None else None
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise FsError(errno.ENOENT)
+            if src.is_dir and self._is_ancestor(sino, dp) or dst.is_dir and self._is_ancestor(dino, sp):
+                raise FsError(errno.EINVAL)
+            if sino == dino:
+                return
+            self._commit({"op": "rename", "sp": sp, "sn": sn, "dp": dp, "dn": dn, "exchange": True})
+            return
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise FsError(errno.EEXIST)
+        if src.is_dir and self._is_ancestor(sino, dp):
+            raise FsError(errno.EINVAL)
+        if dst is not None:
+            if sino == dino:
+                return
+            if src.is_dir and not dst.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not src.is_dir and dst.is_dir:
+                raise FsError(errno.EISDIR)
+            if dst.is_dir and self.state.dirs[dino]:
+                raise FsError(errno.ENOTEMPTY)
+            if dst.is_dir and self._is_ancestor(dino, sp):
+                raise FsError(errno.ENOTEMPTY)
+        rec = {"op": "rename", "sp": sp, "sn": sn, "dp": dp, "dn": dn}
+        if dst is not None:
+            last = dst.nlink <= 1 or dst.is_dir
+            rec["free"] = bool(last and not is_open(dino))
+        self._commit(rec)
+
+    async def setattr(self, ino: int, changes: dict) -> Inode:
+        node = self._node(ino)
+        if "size" in changes:
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if not node.is_reg:
+                raise FsError(errno.EINVAL)
+        rec = {"op": "setattr", "ino": ino}
+        rec.update(changes)
+        self._commit(rec)
+        return node
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        v = self._node(ino).xattrs.get(name)
+        if v is None:
+            raise FsError(errno.ENODATA)
+        return v
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return list(self._node(ino).xattrs)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        node = self._node(ino)
+        if len(name) > XATTR_NAME_MAX or not name:
+            raise FsError(errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        if not name.startswith((b"user.", b"trusted.", b"security.", b"system.")):
+            raise FsError(errno.EOPNOTSUPP)
+        if name.startswith(b"user.") and not (node.is_reg or node.is_dir):
+            raise FsError(errno.EPERM)
+        self._commit({"op": "setxattr", "ino": ino, "name": name, "value": value})
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        node = self._node(ino)
+        if name not in node.xattrs:
+            raise FsError(errno.ENODATA)
+        self._commit({"op": "rmxattr", "ino": ino, "name": name})
+
+    # -- data --------------------------------------------------------------------------
+    async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int) -> int:
+        node = self.state.inodes.get(ino)
+        if node is None:
+            # Freed while the write was in flight: its blocks are garbage.
+            self._garbage.append((self.journal.last_seq, trio.current_time() + self.gc_grace,
+                                  [s for _, s in slices]))
+            self._gc_wake.set()
+            return self.journal.last_seq
+        return self._commit({"op": "write", "ino": ino, "slices": [(i, s.to_tuple()) for i, s in slices],
+                             "end": end, "mtime": mtime})
+
+    async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice]) -> int:
+        return self._commit({"op": "compact", "ino": ino, "chunk": chunk,
+                             "old": [s.to_tuple() for s in old], "new": [s.to_tuple() for s in new]})
+
+    async def free(self, ino: int) -> None:
+        node = self.state.inodes.get(ino)
+        if node is not None and node.nlink == 0:
+            self._commit({"op": "free", "ino": ino})
+
+    async def sync(self, seq: int | None = None) -> None:
+        await self.journal.wait_durable(seq)
+        if self.journal.records_since_snapshot >= self.snapshot_records and not self._snapshot_lock.locked():
+            await self.snapshot()
+
+    # -- maintenance -------------------------------------------------------------------
+    async def snapshot(self) -> None:
+        """Write a snapshot of the current state, then prune covered journal segments."""
+        async with self._snapshot_lock:
+            self.journal.records_since_snapshot = 0
+            seq = self.state.seq
+            await jr.write_snapshot(self.store, self.state)
+            await self.journal.wait_durable(seq)
+            await jr.prune(self.store, self.ws, seq)
+
+    def referenced_sids(self) -> set[str]:
+        return {s.sid for s in self.state.all_slices()}
+
+    async def collect_garbage(self, *, force: bool = False) -> int:
+        """Delete blocks of dropped slices whose record is durable and whose grace has passed."""
+        now = trio.current_time()
+        keep, ready = [], []
+        for item in self._garbage:
+            seq, due, _ = item
+            if seq <= self.journal.durable_seq and (force or due <= now):
+                ready.append(item)
+            else:
+                keep.append(item)
+        self._garbage = keep
+        n = 0
+        live = None
+        for _, _, slices in ready:
+            for s in slices:
+                if live is None:
+                    live = self.referenced_sids()
+                if s.sid in live:
+                    continue
+                for key in slice_block_keys(self.ws, s):
+                    if self.on_gc:
+                        self.on_gc(key)
+                    try:
+                        await self.store.delete(key)
+                    except Exception as e:  # noqa: BLE001 - the sweep retries later
+                        log.warning("gc: delete %s failed: %s", key, e)
+                    n += 1
+        self.blocks_deleted += n
+        return n
+
+    async def run_gc(self) -> None:
+        while True:
+            if not self._garbage:
+                self._gc_wake = trio.Event()
+                await self._gc_wake.wait()
+            await trio.sleep(max(1.0, min(self.gc_grace, 10.0)))
+            await self.collect_garbage()
+
+    async def maybe_snapshot(self) -> None:
+        if self.journal.records_since_snapshot >= self.snapshot_records:
+            await self.snapshot()

@@ -1,0 +1,66 @@
+"""The workspace registry in the store and opening a workspace's namespace.
+
+`workspaces/<name>` holds a small record (owner, mode, creation time) per
+workspace; everything of a workspace lives under `ws/<name>/`. Opening a
+workspace recovers its state (snapshot + journal) and starts a new epoch.
+"""
+from __future__ import annotations
+
+import errno
+import time
+
+from agentmount.config import WORKSPACE_NAME_RE
+from agentmount.errors import FsError
+from agentmount.meta import journal as jr
+from agentmount.meta.state import NamespaceState
+from backend.store import AlreadyExists, NotFound, ObjectStore
+
+REGISTRY = "workspaces/"
+
+
+def valid_name(name: str) -> bool:
+    return bool(WORKSPACE_NAME_RE.match(name))
+
+
+async def list_workspaces(store: ObjectStore) -> dict[str, dict]:
+    out = {}
+    for key in await store.list_keys(REGISTRY):
+        name = key[len(REGISTRY):]
+        try:
+            out[name] = jr.unpack(await store.get(key))
+        except NotFound:
+            continue
+    return out
+
+
+async def create_workspace(store: ObjectStore, name: str, *, uid: int, gid: int, mode: int = 0o755,
+                           chunk_size: int = 64 << 20) -> dict:
+    if not valid_name(name):
+        raise FsError(errno.EINVAL, f"invalid workspace name {name!r}")
+    info = {"name": name, "uid": uid, "gid": gid, "mode": mode & 0o7777, "created": time.time_ns(),
+            "chunk_size": chunk_size}
+    try:
+        await store.put(REGISTRY + name, jr.pack(info), create_only=True)
+    except AlreadyExists:
+        raise FsError(errno.EEXIST, f"workspace {name} exists") from None
+    return info
+
+
+async def delete_workspace(store: ObjectStore, name: str) -> int:
+    """Delete every object of the workspace, then its registry entry. Returns objects removed."""
+    n = 0
+    for key in await store.list_keys(f"ws/{name}/"):
+        await store.delete(key)
+        n += 1
+    await store.delete(REGISTRY + name)
+    return n
+
+
+def fresh_state(name: str, info: dict, chunk_size: int) -> NamespaceState:
+    return NamespaceState(name, info.get("chunk_size", chunk_size), root_mode=info.get("mode", 0o755), root_uid=info.get("uid", 0),
+                          root_gid=info.get("gid", 0), t=info.get("created", 0))
+
+
+async def recover(store: ObjectStore, name: str, info: dict, chunk_size: int) -> jr.Loaded:
+    loaded = await jr.load(store, name, fresh_state(name, info, chunk_size))
+    return loaded

@@ -1,0 +1,1 @@
+"""The VFS: open handles, write buffers, reads and readahead, workspace mapping."""

@@ -1,0 +1,587 @@
+"""The VFS: what the FUSE front calls. Maps the mount onto workspaces.
+
+Owns: global inode numbers (workspace index << 40 | local inode), the
+virtual root whose entries are workspaces, open file and directory handles,
+per-inode write buffers (DirtyFile), reads and readahead, compaction and the
+shutdown sequence. It never talks to the store directly for metadata: that is
+the namespace service's job; block bytes go through BlockIO.
+
+Durability: close() (flush) of a handle opened for writing, fsync and
+fsyncdir return only once data blocks and the journal records are durable.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat as st
+import time
+from dataclasses import dataclass
+
+import trio
+
+from agentmount.chunks.blockio import BlockIO
+from agentmount.config import Config
+from agentmount.errors import FsError
+from agentmount.meta import journal as jr
+from agentmount.meta import workspaces as wsreg
+from agentmount.meta.service import LocalNamespace, check_name
+from agentmount.meta.state import ROOT_INO, Inode
+from agentmount.vfs.compactor import Compactor
+from agentmount.vfs.reader import Reader
+from agentmount.vfs.writer import DirtyFile, WriteBudget
+from backend.store import ObjectStore
+
+log = logging.getLogger("agentmount.vfs")
+
+MOUNT_ROOT = 1
+WS_SHIFT = 40
+LOCAL_MASK = (1 << WS_SHIFT) - 1
+PID_XATTR = b"user.agentmount.pid"
+
+
+@dataclass(slots=True)
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    atime: int
+    mtime: int
+    ctime: int
+    version: int
+
+
+class Workspace:
+    """A mounted workspace: its namespace service, buffers, reader and background tasks."""
+
+    def __init__(self, name: str, index: int, meta: LocalNamespace, info: dict) -> None:
+        self.name = name
+        self.index = index
+        self.meta = meta
+        self.info = info
+        self.base = index << WS_SHIFT
+        self.dirty: dict[int, DirtyFile] = {}
+        self.opens: dict[int, int] = {}
+        self.nursery: trio.Nursery | None = None
+        self.cancel: trio.CancelScope | None = None
+        self.reader: Reader | None = None
+        self.compactor: Compactor | None = None
+
+    def gino(self, local: int) -> int:
+        return self.base | local
+
+    def is_open(self, local: int) -> bool:
+        return self.opens.get(local, 0) > 0
+
+
+class FileHandle:
+    __slots__ = ("ws", "ino", "writable", "wrote", "next_off")
+
+    def __init__(self, ws: Workspace, ino: int, writable: bool) -> None:
+        self.ws = ws
+        self.ino = ino
+        self.writable = writable
+        self.wrote = False
+        self.next_off = -1
+
+
+class DirHandle:
+    __slots__ = ("ws", "ino", "entries")
+
+    def __init__(self, ws: Workspace | None, ino: int) -> None:
+        self.ws = ws
+        self.ino = ino
+        self.entries: list[tuple[bytes, int]] | None = None
+
+
+class VFS:
+    """See module docstring."""
+
+    def __init__(self, cfg: Config, store: ObjectStore, blockio: BlockIO, nursery: trio.Nursery) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.blockio = blockio
+        self.nursery = nursery
+        self.budget = WriteBudget(cfg.fs.write_buffer_mb << 20)
+        self.budget.pressure_cb = self._seal_all
+        self.workspaces: dict[str, Workspace] = {}
+        self.by_index: dict[int, Workspace] = {}
+        self._next_index = 1
+        self._fh = 0
+        self.files: dict[int, FileHandle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.started = time.time_ns()
+        self.bsize = cfg.block_size
+        self._ws_lock = trio.Lock()
+
+    # -- workspaces --------------------------------------------------------------------
+    async def load_workspaces(self) -> None:
+        """Open every registered workspace and create the configured ones that are missing."""
+        known = await wsreg.list_workspaces(self.store)
+        for name in self.cfg.workspaces:
+            if name not in known:
+                known[name] = await wsreg.create_workspace(self.store, name, uid=self.uid, gid=self.gid,
+                                                           chunk_size=self.cfg.chunk_size)
+        for name in sorted(known):
+            await self._open_ws(name, known[name])
+
+    async def _open_ws(self, name: str, info: dict) -> Workspace:
+        loaded = await wsreg.recover(self.store, name, info, self.cfg.chunk_size)
+        epoch = loaded.epoch + 1
+        journal = jr.Journal(self.store, name, epoch, loaded.state.seq,
+                             window=self.cfg.fs.commit_window_ms / 1000, timeout=self.cfg.fs.store_timeout_s)
+        meta = LocalNamespace(self.store, loaded.state, journal, snapshot_records=self.cfg.fs.snapshot_records,
+                              gc_grace=self.cfg.fs.gc_grace_s)
+        meta.on_gc = self._on_gc
+        ws = Workspace(name, self._next_index, meta, info)
+        self._next_index += 1
+        await self.nursery.start(self._run_ws, ws)
+        # Inodes left unlinked-but-open by a crash are orphans now: free them.
+        for node in [n for n in loaded.state.inodes.values() if n.nlink == 0]:
+            await meta.free(node.ino)
+        self.workspaces[name] = ws
+        self.by_index[ws.index] = ws
+        log.info("workspace %s: snapshot %d + %d records replayed, epoch %d", name, loaded.snapshot_seq,
+                 loaded.replayed, epoch)
+        return ws
+
+    async def _run_ws(self, ws: Workspace, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as n:
+                ws.nursery = n
+                ws.cancel = scope
+                ws.reader = Reader(ws.name, ws.meta, self.blockio, self.bsize, self.cfg.fs.readahead_blocks, n)
+                ws.compactor = Compactor(ws.meta, self.blockio, ws.reader._stored, self.bsize,
+                                         self.cfg.fs.compact_slices)
+                n.start_soon(ws.meta.journal.run)
+                n.start_soon(ws.meta.run_gc)
+                n.start_soon(ws.compactor.run)
+                task_status.started()
+
+    def _on_gc(self, key: str) -> None:
+        self.blockio.mem.discard(key)
+        self.blockio.disk.discard(key)
+
+    async def create_workspace(self, name: str, uid: int, gid: int, mode: int) -> Workspace:
+        async with self._ws_lock:
+            if name in self.workspaces:
+                raise FsError(errno.EEXIST)
+            info = await wsreg.create_workspace(self.store, name, uid=uid, gid=gid, mode=mode,
+                                                chunk_size=self.cfg.chunk_size)
+            return await self._open_ws(name, info)
+
+    async def delete_workspace(self, name: str, force: bool = False) -> None:
+        async with self._ws_lock:
+            ws = self.workspaces.get(name)
+            if ws is None:
+                raise FsError(errno.ENOENT)
+            if not force and ws.meta.state.dirs[ROOT_INO]:
+                raise FsError(errno.ENOTEMPTY)
+            if any(ws.opens.values()):
+                raise FsError(errno.EBUSY)
+            await self._close_ws(ws, final=False)
+            del self.workspaces[name]
+            del self.by_index[ws.index]
+            await wsreg.delete_workspace(self.store, name)
+
+    async def _close_ws(self, ws: Workspace, final: bool = True) -> None:
+        for ino, d in list(ws.dirty.items()):
+            try:
+                await self._commit(ws, ino, d, durable=False)
+            except FsError as e:
+                log.error("workspace %s inode %d: unflushed data lost: %s", ws.name, ino, e)
+        await ws.meta.journal.close()
+        if final:
+            await ws.meta.snapshot()
+            await ws.meta.collect_garbage(force=True)
+        if ws.cancel is not None:
+            ws.cancel.cancel()
+
+    async def shutdown(self) -> None:
+        """Commit every buffer, make every journal durable, snapshot, stop background work."""
+        for ws in list(self.workspaces.values()):
+            try:
+                await self._close_ws(ws)
+            except Exception:  # noqa: BLE001 - keep closing the others
+                log.exception("closing workspace %s failed", ws.name)
+
+    # -- inode mapping -----------------------------------------------------------------
+    def _resolve(self, gino: int) -> tuple[Workspace, int]:
+        ws = self.by_index.get(gino >> WS_SHIFT)
+        if ws is None:
+            raise FsError(errno.ENOENT)
+        return ws, gino & LOCAL_MASK
+
+    def _attr(self, ws: Workspace, node: Inode) -> Attr:
+        size, mtime, ctime = node.size, node.mtime, node.ctime
+        d = ws.dirty.get(node.ino)
+        if d is not None and not d.empty:
+            size, mtime, ctime = d.size, d.mtime, max(node.ctime, d.mtime)
+        return Attr(ws.gino(node.ino), node.mode, node.nlink, node.uid, node.gid, node.rdev, size, node.atime,
+                    mtime, ctime, node.version)
+
+    def _ws_root_attr(self, ws: Workspace, node: Inode) -> Attr:
+        a = self._attr(ws, node)
+        return a
+
+    def root_attr(self) -> Attr:
+        return Attr(MOUNT_ROOT, st.S_IFDIR | 0o755, 2 + len(self.workspaces), self.uid, self.gid, 0, 4096,
+                    self.started, self.started, self.started, 1)
+
+    # -- metadata ops ------------------------------------------------------------------
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        if parent == MOUNT_ROOT:
+            if name in (b".", b".."):
+                return self.root_attr()
+            if len(name) > 255:
+                raise FsError(errno.ENAMETOOLONG)
+            ws = self.workspaces.get(name.decode("utf-8", "surrogateescape"))
+            if ws is None:
+                raise FsError(errno.ENOENT)
+            return self._attr(ws, await ws.meta.getattr(ROOT_INO))
+        ws, ino = self._resolve(parent)
+        if name == b".." and ino == ROOT_INO:
+            return self.root_attr()
+        return self._attr(ws, await ws.meta.lookup(ino, name))
+
+    async def getattr(self, gino: int) -> Attr:
+        if gino == MOUNT_ROOT:
+            return self.root_attr()
+        ws, ino = self._resolve(gino)
+        return self._attr(ws, await ws.meta.getattr(ino))
+
+    async def setattr(self, gino: int, changes: dict) -> Attr:
+        if gino == MOUNT_ROOT:
+            raise FsError(errno.EPERM)
+        ws, ino = self._resolve(gino)
+        if "size" in changes:
+            d = ws.dirty.get(ino)
+            if d is not None and not d.empty:
+                await self._commit(ws, ino, d, durable=False)
+            node = await ws.meta.setattr(ino, changes)
+            if d is not None:
+                d.size = node.size
+        else:
+            node = await ws.meta.setattr(ino, changes)
+            d = ws.dirty.get(ino)
+            if d is not None and "mtime" in changes:
+                d.mtime = changes["mtime"]
+        return self._attr(ws, node)
+
+    async def readlink(self, gino: int) -> bytes:
+        ws, ino = self._resolve(gino)
+        node = await ws.meta.getattr(ino)
+        if node.target is None:
+            raise FsError(errno.EINVAL)
+        return node.target
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+                    target: bytes | None = None) -> Attr:
+        if parent == MOUNT_ROOT:
+            if st.S_ISDIR(mode):
+                check_name(name)
+                ws = await self.create_workspace(name.decode("utf-8", "surrogateescape"), uid, gid, mode)
+                return self._attr(ws, await ws.meta.getattr(ROOT_INO))
+            raise FsError(errno.EPERM)
+        ws, ino = self._resolve(parent)
+        fmt = st.S_IFMT(mode)
+        if fmt not in (st.S_IFREG, st.S_IFDIR, st.S_IFLNK, st.S_IFIFO, st.S_IFSOCK, st.S_IFCHR, st.S_IFBLK):
+            raise FsError(errno.EINVAL)
+        node = await ws.meta.mknod(ino, name, mode, uid, gid, rdev, target)
+        return self._attr(ws, node)
+
+    async def link(self, gino: int, parent: int, name: bytes) -> Attr:
+        if parent == MOUNT_ROOT or gino == MOUNT_ROOT:
+            raise FsError(errno.EPERM)
+        ws, ino = self._resolve(gino)
+        pws, pino = self._resolve(parent)
+        if pws is not ws:
+            raise FsError(errno.EXDEV)
+        return self._attr(ws, await ws.meta.link(ino, pino, name))
+
+    async def unlink(self, parent: int, name: bytes, is_dir: bool) -> None:
+        if parent == MOUNT_ROOT:
+            if not is_dir:
+                raise FsError(errno.EPERM)
+            await self.delete_workspace(name.decode("utf-8", "surrogateescape"))
+            return
+        ws, ino = self._resolve(parent)
+        node = await ws.meta.unlink(ino, name, is_dir, ws.is_open)
+        if node.nlink == 0 and not ws.is_open(node.ino):
+            d = ws.dirty.pop(node.ino, None)
+            if d is not None:
+                d.drop_all()
+
+    async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, flags: int) -> None:
+        if sp == MOUNT_ROOT or dp == MOUNT_ROOT:
+            raise FsError(errno.EPERM)
+        ws, sino = self._resolve(sp)
+        dws, dino = self._resolve(dp)
+        if dws is not ws:
+            raise FsError(errno.EXDEV)
+        await ws.meta.rename(sino, sn, dino, dn, flags, ws.is_open)
+
+    # -- xattrs ------------------------------------------------------------------------
+    async def getxattr(self, gino: int, name: bytes) -> bytes:
+        if gino == MOUNT_ROOT:
+            if name == PID_XATTR:
+                return str(os.getpid()).encode()
+            raise FsError(errno.ENODATA)
+        ws, ino = self._resolve(gino)
+        return await ws.meta.getxattr(ino, name)
+
+    async def listxattr(self, gino: int) -> list[bytes]:
+        if gino == MOUNT_ROOT:
+            return []
+        ws, ino = self._resolve(gino)
+        return await ws.meta.listxattr(ino)
+
+    async def setxattr(self, gino: int, name: bytes, value: bytes) -> None:
+        if gino == MOUNT_ROOT:
+            raise FsError(errno.EPERM)
+        ws, ino = self._resolve(gino)
+        await ws.meta.setxattr(ino, name, value)
+
+    async def removexattr(self, gino: int, name: bytes) -> None:
+        if gino == MOUNT_ROOT:
+            raise FsError(errno.ENODATA)
+        ws, ino = self._resolve(gino)
+        await ws.meta.removexattr(ino, name)
+
+    # -- files -------------------------------------------------------------------------
+    def _new_fh(self) -> int:
+        self._fh += 1
+        return self._fh
+
+    async def open(self, gino: int, flags: int) -> int:
+        if gino == MOUNT_ROOT:
+            raise FsError(errno.EISDIR)
+        ws, ino = self._resolve(gino)
+        node = await ws.meta.getattr(ino)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        fh = self._new_fh()
+        self.files[fh] = FileHandle(ws, ino, writable)
+        ws.opens[ino] = ws.opens.get(ino, 0) + 1
+        return fh
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
+        attr = await self.mknod(parent, name, (mode & 0o7777) | st.S_IFREG, 0, uid, gid)
+        fh = await self.open(attr.ino, flags)
+        self.files[fh].wrote = True  # a created file is durable at close like a written one
+        return fh, attr
+
+    def _dirty(self, ws: Workspace, node: Inode) -> DirtyFile:
+        d = ws.dirty.get(node.ino)
+        if d is None:
+            assert ws.nursery is not None
+            d = DirtyFile(ws.name, node.ino, node.size, node.mtime, ws.meta.chunk_size, self.bsize, self.blockio,
+                          self.budget, ws.nursery)
+            ws.dirty[node.ino] = d
+        elif d.empty:
+            d.size, d.mtime = node.size, node.mtime
+        return d
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.files.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        ws = h.ws
+        node = await ws.meta.getattr(h.ino)
+        d = ws.dirty.get(h.ino)
+        if d is not None and d.empty:
+            d = None
+        fsize = d.size if d is not None else node.size
+        assert ws.reader is not None
+        data = await ws.reader.read(h.ino, off, size, fsize, ws.meta.chunk_size, d)
+        if off == h.next_off or off == 0:
+            ws.reader.readahead(h.ino, off + len(data), fsize, ws.meta.chunk_size)
+        h.next_off = off + len(data)
+        return data
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        h = self.files.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        ws = h.ws
+        node = await ws.meta.getattr(h.ino)
+        d = self._dirty(ws, node)
+        if d.error is not None:
+            err, d.error = d.error, None
+            raise err
+        await d.write(off, data, time.time_ns())
+        h.wrote = True
+        return len(data)
+
+    async def _commit(self, ws: Workspace, ino: int, d: DirtyFile, durable: bool) -> None:
+        async with d.lock:
+            if d.empty:
+                return
+            batch = await d.collect()
+            slices = [(p.chunk, p.as_slice()) for p in batch]
+            cs = ws.meta.chunk_size
+            end = max(p.chunk * cs + p.end for p in batch)
+            seq = await ws.meta.commit_write(ino, slices, end, d.mtime)
+            d.committed(batch)
+            assert ws.compactor is not None
+            node = ws.meta.state.inodes.get(ino)
+            if node is not None:
+                for idx in {p.chunk for p in batch}:
+                    ws.compactor.consider(ino, idx, len(node.chunks.get(idx, ())))
+        if durable:
+            await ws.meta.sync(seq)
+
+    async def flush(self, fh: int) -> None:
+        h = self.files.get(fh)
+        if h is None:
+            return
+        if h.writable or h.wrote:
+            await self._sync_file(h)
+
+    async def _sync_file(self, h: FileHandle) -> None:
+        ws = h.ws
+        d = ws.dirty.get(h.ino)
+        if d is not None and not d.empty:
+            await self._commit(ws, h.ino, d, durable=True)
+        else:
+            await ws.meta.sync()
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.files.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        await self._sync_file(h)
+
+    async def release(self, fh: int) -> None:
+        h = self.files.pop(fh, None)
+        if h is None:
+            return
+        ws, ino = h.ws, h.ino
+        try:
+            d = ws.dirty.get(ino)
+            if d is not None and not d.empty:
+                await self._commit(ws, ino, d, durable=True)
+        finally:
+            n = ws.opens.get(ino, 1) - 1
+            if n <= 0:
+                ws.opens.pop(ino, None)
+                d = ws.dirty.get(ino)
+                if d is not None and d.empty:
+                    del ws.dirty[ino]
+                node = ws.meta.state.inodes.get(ino)
+                if node is not None and node.nlink == 0:
+                    d = ws.dirty.pop(ino, None)
+                    if d is not None:
+                        d.drop_all()
+                    await ws.meta.free(ino)
+            else:
+                ws.opens[ino] = n
+
+    def _seal_all(self) -> None:
+        for ws in self.workspaces.values():
+            for d in ws.dirty.values():
+                d.seal()
+
+    # -- directories -------------------------------------------------------------------
+    async def opendir(self, gino: int) -> int:
+        fh = self._new_fh()
+        if gino == MOUNT_ROOT:
+            self.dirs[fh] = DirHandle(None, MOUNT_ROOT)
+            return fh
+        ws, ino = self._resolve(gino)
+        node = await ws.meta.getattr(ino)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        self.dirs[fh] = DirHandle(ws, ino)
+        return fh
+
+    async def readdir(self, fh: int, off: int):
+        """Yield (name, attr, next_offset) from `off`; offsets index a snapshot taken at offset 0."""
+        h = self.dirs.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        if h.entries is None or off == 0:
+            if h.ws is None:
+                h.entries = [(b".", MOUNT_ROOT), (b"..", MOUNT_ROOT)] + [
+                    (n.encode("utf-8", "surrogateescape"), ws.index) for n, ws in sorted(self.workspaces.items())]
+            else:
+                h.entries = await h.ws.meta.readdir(h.ino)
+        out = []
+        ents = h.entries
+        if h.ws is None:
+            for i in range(off, len(ents)):
+                name, idx = ents[i]
+                if name in (b".", b".."):
+                    out.append((name, self.root_attr(), i + 1))
+                    continue
+                ws = self.by_index.get(idx)
+                if ws is None:
+                    continue
+                out.append((name, self._attr(ws, ws.meta.state.inodes[ROOT_INO]), i + 1))
+            return out
+        ws = h.ws
+        state = ws.meta.state
+        cur = state.dirs.get(h.ino, {})
+        for i in range(off, len(ents)):
+            name, ino = ents[i]
+            if name == b"..":
+                if h.ino == ROOT_INO:
+                    out.append((name, self.root_attr(), i + 1))
+                    continue
+            elif name != b"." and cur.get(name) != ino:
+                continue  # removed since the snapshot
+            node = state.inodes.get(ino)
+            if node is None:
+                continue
+            out.append((name, self._attr(ws, node), i + 1))
+        return out
+
+    async def releasedir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh: int) -> None:
+        h = self.dirs.get(fh)
+        if h is not None and h.ws is not None:
+            await h.ws.meta.sync()
+
+    async def statfs(self) -> dict:
+        total_inodes = sum(len(ws.meta.state.inodes) for ws in self.workspaces.values())
+        root = getattr(self.store, "root", None)
+        try:
+            sv = await trio.to_thread.run_sync(os.statvfs, root) if root else None
+        except OSError:
+            sv = None
+        if sv is not None:
+            frsize = sv.f_frsize
+            blocks, bfree, bavail = sv.f_blocks, sv.f_bfree, sv.f_bavail
+        else:
+            frsize, blocks, bfree, bavail = 4096, 1 << 40, 1 << 40, 1 << 40
+        return {"bsize": self.bsize, "frsize": frsize, "blocks": blocks, "bfree": bfree, "bavail": bavail,
+                "files": total_inodes + (1 << 32), "ffree": 1 << 32, "favail": 1 << 32, "namemax": 255}
+
+    # -- status ------------------------------------------------------------------------
+    def status(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "workspaces": {
+                n: {"inodes": len(ws.meta.state.inodes), "seq": ws.meta.state.seq,
+                    "durable_seq": ws.meta.journal.durable_seq, "epoch": ws.meta.journal.epoch,
+                    "dirty_files": sum(1 for d in ws.dirty.values() if not d.empty),
+                    "open_files": sum(ws.opens.values()), "journal_error": ws.meta.journal.error,
+                    "compactions": ws.compactor.compactions if ws.compactor else 0,
+                    "blocks_deleted": ws.meta.blocks_deleted}
+                for n, ws in self.workspaces.items()},
+            "write_buffer_bytes": self.budget.used,
+            "uploads_in_flight": self.blockio.uploads_in_flight,
+            "bytes_uploaded": self.blockio.bytes_uploaded,
+            "bytes_downloaded": self.blockio.bytes_downloaded,
+            "memory_cache_bytes": self.blockio.mem.used,
+            "disk_cache_bytes": self.blockio.disk.used,
+        }

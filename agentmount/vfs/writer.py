@@ -1,0 +1,229 @@
+"""Write buffering of one inode: pending slices, block uploads, commit.
+
+A `DirtyFile` holds the writes to an inode not yet committed to the
+namespace, as `PendingSlice`s in write order (newest last). Each slice is one
+contiguous run inside one chunk, stored under a fresh random id. As soon as a
+slice has a full block buffered, that block uploads in the background; the
+rest uploads when the file is flushed (close, fsync) or when the global
+`WriteBudget` runs out, which also seals the slice. `flush` then commits all
+uploaded slices as one journal record and, when asked, waits until it is
+durable. Upload failures are kept and reported by the next flush, like a
+local filesystem reports write-back errors at fsync/close.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import secrets
+
+import trio
+
+from agentmount.chunks.blockio import BlockIO
+from agentmount.chunks.layout import Slice, block_key
+from agentmount.errors import FsError
+
+log = logging.getLogger("agentmount.vfs")
+
+
+def new_sid() -> str:
+    return secrets.token_hex(12)
+
+
+class WriteBudget:
+    """A hard cap on buffered write bytes; writers wait for room, pressure seals buffers."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._changed = trio.Event()
+        self.pressure_cb = None  # set by the VFS: seals every dirty file
+
+    async def reserve(self, n: int) -> None:
+        while self.used > 0 and self.used + n > self.capacity:
+            if self.pressure_cb is not None:
+                self.pressure_cb()
+            ev = self._changed
+            await ev.wait()
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        ev, self._changed = self._changed, trio.Event()
+        ev.set()
+
+
+class PendingSlice:
+    """Buffered bytes of one slice. `buf` holds stored bytes [base, base+len(buf))."""
+
+    __slots__ = ("chunk", "pos", "sid", "bsize", "buf", "base", "inflight", "uploading", "sealed", "error",
+                 "done")
+
+    def __init__(self, chunk: int, pos: int, bsize: int) -> None:
+        self.chunk = chunk
+        self.pos = pos
+        self.sid = new_sid()
+        self.bsize = bsize
+        self.buf = bytearray()
+        self.base = 0                          # stored bytes before `buf` went to blocks
+        self.inflight: dict[int, bytes] = {}   # block index -> bytes being uploaded
+        self.uploading = 0
+        self.sealed = False
+        self.error: FsError | None = None
+        self.done = trio.Event()
+        self.done.set()
+
+    @property
+    def length(self) -> int:
+        return self.base + len(self.buf)
+
+    @property
+    def end(self) -> int:
+        return self.pos + self.length
+
+    def as_slice(self) -> Slice:
+        n = self.length
+        return Slice(self.sid, n, self.bsize, self.pos, 0, n)
+
+    def read_stored(self, off: int, n: int) -> bytes | None:
+        """Bytes [off, off+n) of the stored data if buffered in memory, else None."""
+        if off >= self.base:
+            return bytes(self.buf[off - self.base: off - self.base + n])
+        bi = off // self.bsize
+        data = self.inflight.get(bi)
+        if data is not None and off + n <= (bi + 1) * self.bsize:
+            o = off - bi * self.bsize
+            return data[o:o + n]
+        return None
+
+
+class DirtyFile:
+    """Uncommitted writes of one inode; see module docstring."""
+
+    def __init__(self, ws: str, ino: int, size: int, mtime: int, chunk_size: int, bsize: int,
+                 blockio: BlockIO, budget: WriteBudget, nursery: trio.Nursery) -> None:
+        self.ws = ws
+        self.ino = ino
+        self.size = size
+        self.mtime = mtime
+        self.chunk_size = chunk_size
+        self.bsize = bsize
+        self.blockio = blockio
+        self.budget = budget
+        self.nursery = nursery
+        self.slices: list[PendingSlice] = []
+        self.lock = trio.Lock()
+        self.error: FsError | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.slices
+
+    def pending_sids(self) -> set[str]:
+        return {p.sid for p in self.slices}
+
+    async def write(self, off: int, data: bytes, now: int) -> None:
+        await self.budget.reserve(len(data))
+        view = memoryview(data)
+        cs = self.chunk_size
+        pos = off
+        while view:
+            idx, cpos = divmod(pos, cs)
+            n = min(len(view), cs - cpos)
+            self._write_chunk(idx, cpos, view[:n])
+            view = view[n:]
+            pos += n
+        if off + len(data) > self.size:
+            self.size = off + len(data)
+        self.mtime = now
+
+    def _write_chunk(self, idx: int, pos: int, data: memoryview) -> None:
+        last = self.slices[-1] if self.slices else None
+        if (last is not None and not last.sealed and last.chunk == idx
+                and last.pos + last.base <= pos <= last.end):
+            rel = pos - last.pos - last.base
+            overlap = max(0, min(len(last.buf) - rel, len(data)))
+            last.buf[rel:rel + len(data)] = data
+            if overlap:
+                self.budget.release(overlap)
+            p = last
+        else:
+            p = PendingSlice(idx, pos, self.bsize)
+            p.buf += data
+            self.slices.append(p)
+        while len(p.buf) >= self.bsize:
+            self._start_upload(p, final=False)
+
+    def _start_upload(self, p: PendingSlice, final: bool) -> None:
+        n = self.bsize if not final else min(self.bsize, len(p.buf))
+        if n == 0:
+            return
+        data = bytes(p.buf[:n])
+        del p.buf[:n]
+        bi = p.base // self.bsize
+        p.base += n
+        p.inflight[bi] = data
+        if p.uploading == 0:
+            p.done = trio.Event()
+        p.uploading += 1
+        self.nursery.start_soon(self._upload, p, bi, data)
+
+    async def _upload(self, p: PendingSlice, bi: int, data: bytes) -> None:
+        key = block_key(self.ws, p.sid, bi)
+        try:
+            await self.blockio.put(key, data)
+        except FsError as e:
+            p.error = e
+        except Exception as e:  # noqa: BLE001 - reported at flush as EIO
+            log.exception("upload of %s failed", key)
+            p.error = FsError(errno.EIO, str(e))
+        else:
+            if p.inflight.pop(bi, None) is not None:
+                self.budget.release(len(data))
+        finally:
+            p.uploading -= 1
+            if p.uploading == 0:
+                p.done.set()
+
+    def seal(self) -> None:
+        """Upload every buffered byte now; later writes start new slices."""
+        for p in self.slices:
+            if not p.sealed:
+                p.sealed = True
+                while p.buf:
+                    self._start_upload(p, final=True)
+
+    async def _retry_failed(self, p: PendingSlice) -> None:
+        """Re-upload blocks whose upload failed (their bytes are still in `inflight`)."""
+        p.error = None
+        for bi, data in sorted(p.inflight.items()):
+            if p.uploading == 0:
+                p.done = trio.Event()
+            p.uploading += 1
+            self.nursery.start_soon(self._upload, p, bi, data)
+        await p.done.wait()
+
+    async def collect(self) -> list[PendingSlice]:
+        """Seal, wait for uploads, return the uploaded slices (raise the first upload error)."""
+        self.seal()
+        batch = list(self.slices)
+        for p in batch:
+            await p.done.wait()
+            if p.error is not None:
+                await self._retry_failed(p)
+            if p.error is not None:
+                raise p.error
+        return batch
+
+    def committed(self, batch: list[PendingSlice]) -> None:
+        ids = {id(p) for p in batch}
+        self.slices = [p for p in self.slices if id(p) not in ids]
+
+    def drop_all(self) -> None:
+        """Forget buffered writes (the inode is gone); release their budget."""
+        for p in self.slices:
+            n = len(p.buf) + sum(len(d) for d in p.inflight.values())
+            p.buf = bytearray()
+            p.inflight.clear()
+            if n:
+                self.budget.release(n)
+        self.slices = []

@@ -1,0 +1,82 @@
+"""The `ObjectStore` interface: flat keys to immutable-ish byte objects.
+
+Invariants every implementation keeps:
+- `put` is atomic: a reader sees the whole old object, the whole new one, or
+  NotFound, never a torn write; when `put` returns, the object is durable.
+- `put(create_only=True)` fails with AlreadyExists if the key exists.
+- `get` with a range returns exactly those bytes (clipped at the end).
+- `delete` of a missing key is not an error.
+- `list(prefix)` yields every key under the prefix, sorted by key.
+- Errors are classified: NotFound (permanent, key missing), StoreUnavailable
+  (transient: retry or fail over), StoreError (permanent otherwise).
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+
+class StoreError(Exception):
+    """A store operation failed permanently. `errno` hints at the cause (e.g. ENOSPC)."""
+
+    errno: int | None = None
+
+    def __init__(self, msg: str = "", errno: int | None = None) -> None:
+        super().__init__(msg)
+        if errno is not None:
+            self.errno = errno
+
+
+class NotFound(StoreError):
+    """The key does not exist."""
+
+
+class AlreadyExists(StoreError):
+    """A create-only put found the key already present."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or failed transiently (disk full, I/O error, timeout)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float
+
+
+class ObjectStore(abc.ABC):
+    """Async key/value object store used for blocks, journal segments and snapshots."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        """Return the object's bytes, or bytes [start, end) of it."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        """Store `data` under `key` atomically and durably."""
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> ObjectInfo | None:
+        """Return the object's info, or None when it does not exist."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove the key (no error when missing)."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Yield the objects whose key starts with `prefix`, sorted by key."""
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        return [info.key async for info in self.list(prefix)]
+
+    async def check(self) -> None:
+        """Raise StoreUnavailable/StoreError when the store is not usable."""
+
+    async def aclose(self) -> None:
+        """Release resources."""

@@ -1,0 +1,161 @@
+"""Test helpers: real mounts as real processes, waiting with deadlines, running as other users."""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+
+def wait_for(cond, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
+    """Poll `cond()` until truthy or the deadline passes (then AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def cli(*args: str, env: dict | None = None, check: bool = False, timeout: float = 120.0,
+        input: str | None = None) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.pop("AGENTMOUNT_CONFIG", None)
+    if env:
+        e.update(env)
+    r = subprocess.run([sys.executable, "-m", "agentmount", *args], capture_output=True, text=True, env=e,
+                       timeout=timeout, input=input, cwd=str(REPO))
+    if check and r.returncode != 0:
+        raise AssertionError(f"agentmount {' '.join(args)} exited {r.returncode}: {r.stderr}")
+    return r
+
+
+class Mount:
+    """A real agentmount peer mounted at `mp`, configured by `conf` in its own directory."""
+
+    def __init__(self, root: Path, workspaces=("default",), fs: dict | None = None, store: Path | None = None,
+                 extra: str = "") -> None:
+        self.root = root
+        self.mp = root / "mnt"
+        self.mp.mkdir(exist_ok=True)
+        self.store = store or (root / "store")
+        self.data = root / "data"
+        self.conf = root / "mount.conf"
+        fs_lines = "\n".join(f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
+                             for k, v in (fs or {}).items())
+        ws_lines = "\n".join(f'[[workspace]]\nname = "{w}"\n' for w in workspaces)
+        self.conf.write_text(textwrap.dedent(f"""\
+            [node]
+            name = "test"
+            data_dir = "{self.data}"
+
+            [[store]]
+            name = "local"
+            kind = "local"
+            path = "{self.store}"
+
+            [cache]
+            dir = "{root / 'cache'}"
+            size_mb = 256
+            memory_mb = 128
+
+            [fs]
+            {fs_lines}
+
+            {ws_lines}
+            {extra}
+            """))
+        self.pid: int | None = None
+
+    @property
+    def ws(self) -> Path:
+        return self.mp / "default"
+
+    def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return cli(*args, "-c", str(self.conf), **kw) if args and args[0] not in ("umount",) else cli(*args, **kw)
+
+    def mount(self) -> "Mount":
+        r = cli("mount", str(self.mp), "-c", str(self.conf), timeout=120)
+        if r.returncode != 0:
+            log = self.data / "agentmount.log"
+            raise AssertionError(f"mount failed ({r.returncode}): {r.stderr}\n"
+                                 f"{log.read_text()[-3000:] if log.exists() else ''}")
+        self.pid = int(os.getxattr(self.mp, "user.agentmount.pid"))
+        return self
+
+    def umount(self) -> None:
+        if self.pid is None:
+            return
+        r = cli("umount", str(self.mp), timeout=300)
+        if r.returncode != 0:
+            raise AssertionError(f"umount failed: {r.stderr}")
+        self.pid = None
+
+    def remount(self) -> None:
+        self.umount()
+        self.mount()
+
+    def kill(self) -> None:
+        """SIGKILL the daemon and detach the dead mount, as a crash would leave it."""
+        assert self.pid is not None
+        os.kill(self.pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(self.pid), 30, what="daemon death")
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True)
+        self.pid = None
+
+    def cleanup(self) -> None:
+        if self.pid is not None:
+            try:
+                self.umount()
+            except Exception:  # noqa: BLE001 - fall back to force
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True)
+                self.pid = None
+        elif os.path.ismount(self.mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def run_as(uid: int, gid: int, fn, *args):
+    """Run fn(*args) in a forked child with the given uid/gid; return its result or re-raise its OSError."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            res = ("ok", fn(*args))
+        except BaseException as e:  # noqa: BLE001
+            res = ("err", e if isinstance(e, OSError) else RuntimeError(repr(e)))
+        with os.fdopen(w, "wb") as f:
+            pickle.dump(res, f)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    kind, val = pickle.loads(data)
+    if kind == "err":
+        raise val
+    return val
