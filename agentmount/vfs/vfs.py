@@ -464,25 +464,43 @@ class VFS:
         if h is None:
             return
         ws, ino = h.ws, h.ino
+        err: FsError | None = None
         try:
             d = ws.dirty.get(ino)
             if d is not None and not d.empty:
                 await self._commit(ws, ino, d, durable=True)
-        finally:
-            n = ws.opens.get(ino, 1) - 1
-            if n <= 0:
-                ws.opens.pop(ino, None)
-                d = ws.dirty.get(ino)
-                if d is not None and d.empty:
-                    del ws.dirty[ino]
-                node = ws.meta.state.inodes.get(ino)
-                if node is not None and node.nlink == 0:
-                    d = ws.dirty.pop(ino, None)
-                    if d is not None:
-                        d.drop_all()
-                    await ws.meta.free(ino)
-            else:
-                ws.opens[ino] = n
+        except FsError as e:
+            err = e
+        n = ws.opens.get(ino, 1) - 1
+        if n > 0:
+            ws.opens[ino] = n
+        else:
+            ws.opens.pop(ino, None)
+            d = ws.dirty.get(ino)
+            if d is not None and (d.empty or err is not None):
+                del ws.dirty[ino]
+                if err is not None:
+                    # The last close already reported the error; like a page cache after a
+                    # failed write-back, the unwritable bytes are dropped and their stored blocks freed.
+                    log.error("workspace %s inode %d: dropping unwritten data after %s", ws.name, ino, err)
+                    self._discard(ws, d)
+            node = ws.meta.state.inodes.get(ino)
+            if node is not None and node.nlink == 0:
+                d = ws.dirty.pop(ino, None)
+                if d is not None:
+                    self._discard(ws, d)
+                await ws.meta.free(ino)
+        if err is not None:
+            raise err
+
+    def _discard(self, ws: Workspace, d: DirtyFile) -> None:
+        keys = d.uploaded_keys()
+        d.drop_all()
+        if keys and ws.nursery is not None:
+            async def delete() -> None:
+                for k in keys:
+                    await self.blockio.delete(k)
+            ws.nursery.start_soon(delete)
 
     def _seal_all(self) -> None:
         for ws in self.workspaces.values():

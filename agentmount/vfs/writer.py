@@ -38,16 +38,23 @@ class WriteBudget:
         self._changed = trio.Event()
         self.pressure_cb = None  # set by the VFS: seals every dirty file
 
-    async def reserve(self, n: int) -> None:
+    async def reserve(self, n: int, check=None) -> None:
+        """Take `n` bytes, waiting while full; `check()` may raise to abort the wait."""
         while self.used > 0 and self.used + n > self.capacity:
             if self.pressure_cb is not None:
                 self.pressure_cb()
             ev = self._changed
             await ev.wait()
+            if check is not None:
+                check()
         self.used += n
 
     def release(self, n: int) -> None:
         self.used -= n
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake waiting writers (room was freed, or an upload failed)."""
         ev, self._changed = self._changed, trio.Event()
         ev.set()
 
@@ -56,7 +63,7 @@ class PendingSlice:
     """Buffered bytes of one slice. `buf` holds stored bytes [base, base+len(buf))."""
 
     __slots__ = ("chunk", "pos", "sid", "bsize", "buf", "base", "inflight", "uploading", "sealed", "error",
-                 "done")
+                 "done", "unbudgeted")
 
     def __init__(self, chunk: int, pos: int, bsize: int) -> None:
         self.chunk = chunk
@@ -71,6 +78,7 @@ class PendingSlice:
         self.error: FsError | None = None
         self.done = trio.Event()
         self.done.set()
+        self.unbudgeted: set[int] = set()     # failed blocks whose bytes no longer count in the budget
 
     @property
     def length(self) -> int:
@@ -121,8 +129,15 @@ class DirtyFile:
     def pending_sids(self) -> set[str]:
         return {p.sid for p in self.slices}
 
+    def raise_error(self) -> None:
+        """Raise the first upload error of this file (ENOSPC/EIO reach the writer early)."""
+        for p in self.slices:
+            if p.error is not None:
+                raise p.error
+
     async def write(self, off: int, data: bytes, now: int) -> None:
-        await self.budget.reserve(len(data))
+        self.raise_error()
+        await self.budget.reserve(len(data), self.raise_error)
         view = memoryview(data)
         cs = self.chunk_size
         pos = off
@@ -171,14 +186,22 @@ class DirtyFile:
         key = block_key(self.ws, p.sid, bi)
         try:
             await self.blockio.put(key, data)
-        except FsError as e:
+        except Exception as e:  # noqa: BLE001 - reported to the writer and at flush
+            if not isinstance(e, FsError):
+                log.exception("upload of %s failed", key)
+                e = FsError(errno.EIO, str(e))
             p.error = e
-        except Exception as e:  # noqa: BLE001 - reported at flush as EIO
-            log.exception("upload of %s failed", key)
-            p.error = FsError(errno.EIO, str(e))
-        else:
-            if p.inflight.pop(bi, None) is not None:
+            # Hand the bytes back to the budget so other writers never wait on a failed store;
+            # they stay in `inflight` for a retry at the next flush.
+            if bi not in p.unbudgeted and bi in p.inflight:
+                p.unbudgeted.add(bi)
                 self.budget.release(len(data))
+            else:
+                self.budget.poke()
+        else:
+            if p.inflight.pop(bi, None) is not None and bi not in p.unbudgeted:
+                self.budget.release(len(data))
+            p.unbudgeted.discard(bi)
         finally:
             p.uploading -= 1
             if p.uploading == 0:
@@ -218,10 +241,19 @@ class DirtyFile:
         ids = {id(p) for p in batch}
         self.slices = [p for p in self.slices if id(p) not in ids]
 
-    def drop_all(self) -> None:
-        """Forget buffered writes (the inode is gone); release their budget."""
+    def uploaded_keys(self) -> list[str]:
+        """Keys of blocks already stored for the pending slices (garbage if they are dropped)."""
+        keys = []
         for p in self.slices:
-            n = len(p.buf) + sum(len(d) for d in p.inflight.values())
+            for bi in range(p.base // self.bsize):
+                if bi not in p.inflight:
+                    keys.append(block_key(self.ws, p.sid, bi))
+        return keys
+
+    def drop_all(self) -> None:
+        """Forget buffered writes (the inode is gone, or they failed); release their budget."""
+        for p in self.slices:
+            n = len(p.buf) + sum(len(d) for bi, d in p.inflight.items() if bi not in p.unbudgeted)
             p.buf = bytearray()
             p.inflight.clear()
             if n:
