@@ -18,7 +18,7 @@ import trio
 from agentmount.chunks.layout import Slice, slice_block_keys
 from agentmount.errors import FsError
 from agentmount.meta import journal as jr
-from agentmount.meta.state import ROOT_INO, Inode, NamespaceState
+from agentmount.meta.state import ROOT_INO, Inode, NamespaceState, chunk_digest
 from backend.store import ObjectStore
 
 log = logging.getLogger("agentmount.meta")
@@ -60,7 +60,7 @@ class NamespaceService:
     async def removexattr(self, ino: int, name: bytes) -> None: raise NotImplementedError
     async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int) -> int:
         raise NotImplementedError
-    async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice]) -> int:
+    async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice], drop: list[Slice]) -> int:
         raise NotImplementedError
     async def free(self, ino: int) -> None: raise NotImplementedError
     async def slices(self, ino: int, chunk: int) -> list[Slice]: raise NotImplementedError
@@ -296,9 +296,11 @@ class LocalNamespace(NamespaceService):
         return self._commit({"op": "write", "ino": ino, "slices": [(i, s.to_tuple()) for i, s in slices],
                              "end": end, "mtime": mtime})
 
-    async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice]) -> int:
-        return self._commit({"op": "compact", "ino": ino, "chunk": chunk,
-                             "old": [s.to_tuple() for s in old], "new": [s.to_tuple() for s in new]})
+    async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice], drop: list[Slice]) -> int:
+        """Replace `drop` (hidden once `new` is on top) by `new`, if the chunk still is `old`."""
+        return self._commit({"op": "compact", "ino": ino, "chunk": chunk, "n": len(old),
+                             "digest": chunk_digest(old), "new": [s.to_tuple() for s in new],
+                             "drop": [s.to_tuple() for s in drop]})
 
     async def free(self, ino: int) -> None:
         node = self.state.inodes.get(ino)

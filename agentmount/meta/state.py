@@ -16,6 +16,8 @@ from __future__ import annotations
 import stat as st
 from typing import Any, Iterable
 
+import xxhash
+
 from agentmount.chunks.layout import Slice, truncate_slices
 
 ROOT_INO = 1
@@ -283,15 +285,21 @@ class NamespaceState:
         node.version += 1
 
     def _op_compact(self, r: dict) -> list[Slice]:
+        """Swap in compacted slices if the chunk is exactly as the compactor read it."""
         node = self.inodes.get(r["ino"])
-        if node is None:
-            return [Slice.from_tuple(t) for t in r["new"]]
-        cur = node.chunks.get(r["chunk"], [])
-        old = [Slice.from_tuple(t) for t in r["old"]]
         new = [Slice.from_tuple(t) for t in r["new"]]
-        if cur[:len(old)] != old:
-            return new  # the chunk changed underneath: the compaction is void
-        node.chunks[r["chunk"]] = new + cur[len(old):]
-        if not node.chunks[r["chunk"]]:
-            del node.chunks[r["chunk"]]
-        return old
+        cur = node.chunks.get(r["chunk"], []) if node is not None else None
+        if cur is None or len(cur) != r["n"] or chunk_digest(cur) != r["digest"]:
+            return new  # the chunk changed underneath: the compaction is void, its blocks are garbage
+        drop = {tuple(t) for t in r["drop"]}
+        kept = [s for s in cur if s.to_tuple() not in drop]
+        node.chunks[r["chunk"]] = kept + new
+        return [s for s in cur if s.to_tuple() in drop]
+
+
+def chunk_digest(slices: list[Slice]) -> str:
+    """A digest of a chunk's slice list, so a compaction applies only to the list it read."""
+    h = xxhash.xxh3_64()
+    for s in slices:
+        h.update(f"{s.sid}:{s.size}:{s.bsize}:{s.pos}:{s.off}:{s.len};".encode())
+    return h.hexdigest()

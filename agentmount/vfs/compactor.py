@@ -1,10 +1,13 @@
-"""Background compaction: rewrite a chunk whose committed slices pile up.
+"""Background compaction: keep reads at a few fetches per block window.
 
-The visible bytes of the chunk's committed slices are read and stored again
-as one new slice per contiguous non-hole run, then a `compact` record swaps
-them in for exactly the slices that were read. Slices committed meanwhile
-stay on top (newest wins), and a chunk that changed underneath (truncate)
-makes the record void, so compaction never changes what a reader sees.
+A chunk's committed slices pile up under small random writes and appends.
+Per block-sized window of the chunk, when `threshold` or more slices overlap
+it, the window is rewritten as one new slice on top: just the visible bytes
+of the small slices inside it when they form one run (appends: cheap), else
+the window's visible extent. Slices hidden by the result are dropped in the
+same record. The record applies only if the chunk's slice list is still the
+one that was read (digest), so compaction never changes what a reader sees;
+a void compaction's blocks become garbage.
 """
 from __future__ import annotations
 
@@ -18,6 +21,44 @@ from agentmount.meta.service import NamespaceService
 from agentmount.vfs.writer import new_sid
 
 log = logging.getLogger("agentmount.compactor")
+
+
+def hidden_slices(slices: list[Slice]) -> list[Slice]:
+    """Slices of which no byte is visible (newer slices cover them entirely)."""
+    out = []
+    for i, s in enumerate(slices):
+        later = [t for t in slices[i + 1:] if t.pos < s.end and t.end > s.pos]
+        if later and all(g.slice is not None for g in resolve(later, s.pos, s.end)):
+            out.append(s)
+    return out
+
+
+def plan(slices: list[Slice], bsize: int, limit: int, threshold: int) -> list[tuple[int, int, bool]]:
+    """Windows to rewrite, as (start, end, only_small) byte ranges of the chunk."""
+    counts: dict[int, int] = {}
+    for s in slices:
+        for w in range(s.pos // bsize, (s.end - 1) // bsize + 1):
+            counts[w] = counts.get(w, 0) + 1
+    out = []
+    for w in sorted(w for w, c in counts.items() if c >= threshold):
+        a, b = w * bsize, min((w + 1) * bsize, limit)
+        if a >= b:
+            continue
+        inner = {s.sid for s in slices if s.pos >= a and s.end <= b}
+        runs: list[list[int]] = []
+        for g in resolve(slices, a, b):
+            if g.slice is not None and g.slice.sid in inner:
+                if runs and runs[-1][1] == g.pos:
+                    runs[-1][1] = g.pos + g.len
+                else:
+                    runs.append([g.pos, g.pos + g.len])
+        if len(runs) == 1:
+            out.append((runs[0][0], runs[0][1], True))
+        else:
+            segs = [g for g in resolve(slices, a, b) if g.slice is not None]
+            if segs:
+                out.append((segs[0].pos, segs[-1].pos + segs[-1].len, False))
+    return out
 
 
 class Compactor:
@@ -49,6 +90,15 @@ class Compactor:
             except Exception as e:  # noqa: BLE001 - compaction is an optimisation; retried on next trigger
                 log.warning("compaction of inode %d chunk %d failed: %s", ino, chunk, e)
 
+    async def _read(self, slices: list[Slice], a: int, b: int) -> bytes:
+        parts = []
+        for g in resolve(slices, a, b):
+            if g.slice is None:
+                parts.append(bytes(g.len))
+            else:
+                parts.append(await self.read_stored(g.slice, g.slice.off, g.len, {}))
+        return b"".join(parts)
+
     async def compact(self, ino: int, chunk: int) -> bool:
         try:
             node = await self.meta.getattr(ino)
@@ -59,23 +109,20 @@ class Compactor:
             return False
         cs = self.meta.chunk_size
         limit = min(cs, max(0, node.size - chunk * cs))
-        segs = resolve(old, 0, limit)
-        runs: list[list] = []
-        for g in segs:
-            if g.slice is None:
-                continue
-            if runs and runs[-1][-1].pos + runs[-1][-1].len == g.pos:
-                runs[-1].append(g)
-            else:
-                runs.append([g])
+        windows = plan(old, self.bsize, limit, self.threshold)
+        if not windows and len(old) < 8 * self.threshold:
+            return False  # scattered slices, few per window: reads are still cheap
         new: list[Slice] = []
-        for run in runs:
-            parts = [await self.read_stored(g.slice, g.slice.off, g.len, {}) for g in run]
-            data = b"".join(parts)
+        for a, b, _ in windows:
+            data = await self._read(old, a, b)
             sid = new_sid()
             for bi in range(0, (len(data) + self.bsize - 1) // self.bsize):
                 await self.blockio.put(block_key(self.meta.ws, sid, bi), data[bi * self.bsize:(bi + 1) * self.bsize])
-            new.append(Slice(sid, len(data), self.bsize, run[0].pos, 0, len(data)))
-        await self.meta.compact(ino, chunk, old, new)
+            new.append(Slice(sid, len(data), self.bsize, a, 0, len(data)))
+        drop = hidden_slices(old + new)
+        drop = [s for s in drop if s not in new]
+        if not new and not drop:
+            return False
+        await self.meta.compact(ino, chunk, old, new, drop)
         self.compactions += 1
         return True

