@@ -239,6 +239,8 @@ class NamespaceState:
         if "mtime" in r:
             node.mtime = r["mtime"]
         if "size" in r:
+            if "mtime" not in r and r["size"] != node.size:
+                node.mtime = r["t"]  # truncate(2) sends no mtime; a size change is a modification
             dropped = self._truncate(node, r["size"])
         node.ctime = r["t"]
         node.version += 1
