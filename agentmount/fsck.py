@@ -72,9 +72,10 @@ def check_namespace(state: NamespaceState) -> list[str]:
     return problems
 
 
-async def check_blocks(store: ObjectStore, state: NamespaceState, verify_data: bool, out: TextIO
-                       ) -> tuple[list[str], set[str]]:
+async def check_blocks(store: ObjectStore, state: NamespaceState, verify_data: bool, out: TextIO,
+                       inline: dict[str, bytes] | None = None) -> tuple[list[str], set[str]]:
     problems: list[str] = []
+    restorable: list[str] = []
     where = paths(state)
     jobs = []
     for ino, node in state.inodes.items():
@@ -97,10 +98,13 @@ async def check_blocks(store: ObjectStore, state: NamespaceState, verify_data: b
                     await trio.to_thread.run_sync(block.decode, data)
                 elif await store.head(key) is None:
                     raise NotFound(key)
-            except NotFound:
-                problems.append(f"{path}: missing block {key}")
-            except block.CorruptBlock as e:
-                problems.append(f"{path}: corrupt block {key} ({e})")
+            except (NotFound, block.CorruptBlock) as e:
+                if inline and key in inline:
+                    restorable.append(key)  # committed inline in the journal: the next mount stores it
+                elif isinstance(e, NotFound):
+                    problems.append(f"{path}: missing block {key}")
+                else:
+                    problems.append(f"{path}: corrupt block {key} ({e})")
             done += 1
             if time.monotonic() - last > 1.0:
                 last = time.monotonic()
@@ -109,6 +113,9 @@ async def check_blocks(store: ObjectStore, state: NamespaceState, verify_data: b
     async with trio.open_nursery() as n:
         for path, key in jobs:
             n.start_soon(one, path, key)
+    if restorable:
+        print(f"{state.ws}: {len(restorable)} block(s) damaged or missing will be restored from the journal "
+              "at the next mount", file=out)
     return problems, referenced
 
 
@@ -130,7 +137,7 @@ async def run(store: ObjectStore, cfg: Config, only: str | None, *, verify_data:
             continue
         state = loaded.state
         problems = check_namespace(state)
-        bproblems, referenced = await check_blocks(store, state, verify_data, out)
+        bproblems, referenced = await check_blocks(store, state, verify_data, out, loaded.inline)
         problems += bproblems
         stored = [k for k in await store.list_keys(f"ws/{name}/blocks/")]
         unreferenced = [k for k in stored if k not in referenced]

@@ -17,6 +17,13 @@ import trio
 from backend.store import AlreadyExists, NotFound, ObjectInfo, ObjectStore, StoreError, StoreUnavailable
 
 _TMP_SUFFIX = ".tmp-"
+
+try:
+    import ctypes
+    import ctypes.util
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+except OSError:  # pragma: no cover - libc is always there on Linux
+    _libc = None
 _TRANSIENT = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
 
 
@@ -69,7 +76,7 @@ class LocalStore(ObjectStore):
         finally:
             os.close(fd)
 
-    def _put_sync(self, key: str, data: bytes, create_only: bool) -> None:
+    def _put_sync(self, key: str, data: bytes, create_only: bool, sync: bool = True) -> None:
         path = self._path(key)
         d = os.path.dirname(path)
         try:
@@ -81,7 +88,7 @@ class LocalStore(ObjectStore):
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-                if self.fsync:
+                if self.fsync and sync:
                     os.fdatasync(fd)
             except BaseException:
                 os.close(fd)
@@ -102,7 +109,7 @@ class LocalStore(ObjectStore):
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
-            if self.fsync:
+            if self.fsync and sync:
                 self._fsync_dir(d)
         except OSError as e:
             if e.errno == errno.ENOENT:
@@ -167,8 +174,22 @@ class LocalStore(ObjectStore):
     async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         return await self._run(self._get_sync, key, start, end)
 
-    async def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
-        await self._run(self._put_sync, key, data, create_only)
+    async def put(self, key: str, data: bytes, *, create_only: bool = False, sync: bool = True) -> None:
+        await self._run(self._put_sync, key, data, create_only, sync)
+
+    def _barrier_sync(self) -> None:
+        if not self.fsync:
+            return
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc is not None and _libc.syncfs(fd) == 0:
+                return
+            os.sync()
+        finally:
+            os.close(fd)
+
+    async def barrier(self) -> None:
+        await self._run(self._barrier_sync)
 
     async def head(self, key: str) -> ObjectInfo | None:
         return await self._run(self._head_sync, key)

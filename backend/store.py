@@ -57,8 +57,12 @@ class ObjectStore(abc.ABC):
         """Return the object's bytes, or bytes [start, end) of it."""
 
     @abc.abstractmethod
-    async def put(self, key: str, data: bytes, *, create_only: bool = False) -> None:
-        """Store `data` under `key` atomically and durably."""
+    async def put(self, key: str, data: bytes, *, create_only: bool = False, sync: bool = True) -> None:
+        """Store `data` under `key` atomically, and durably unless `sync` is False.
+
+        With sync=False the object may be lost or torn by a crash until the
+        next `barrier()` returns; callers use it only for data they can rebuild.
+        """
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:
@@ -74,6 +78,9 @@ class ObjectStore(abc.ABC):
 
     async def list_keys(self, prefix: str) -> list[str]:
         return [info.key async for info in self.list(prefix)]
+
+    async def barrier(self) -> None:
+        """Make every earlier put durable (those made with sync=False included)."""
 
     async def check(self) -> None:
         """Raise StoreUnavailable/StoreError when the store is not usable."""

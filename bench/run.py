@@ -167,8 +167,6 @@ class Run:
             alive = t.alive()
             if not alive:
                 log(f"  {t.name}: the mount is not answering (stat of {t.workdir} fails)")
-                if t.owned and t.pid_or_none() if hasattr(t, "pid_or_none") else t.owned:
-                    pass
                 if t.owned:
                     ok = t.recover()
                     log(f"  {t.name}: {'remounted after the failure' if ok else 'could not be remounted'}")
@@ -357,7 +355,7 @@ def table(rows: list[dict], names: list[str]) -> str:
             line.append(cell(row, n))
             if n in ("agentmount", "juicefs"):
                 rv = row.get("ratio_agentmount_local" if n == "agentmount" else "ratio_agentmount_juicefs")
-                line.append(f"x{rv:.2f}" if rv is not None else "-")
+                line.append("-" if rv is None else f"x{rv:.2f}" if rv >= 0.1 else f"x{rv:.2g}")
         lines.append(line)
     widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
     fmt = lambda l: "  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(l, widths)))  # noqa: E731
@@ -411,6 +409,8 @@ def main(argv=None) -> int:
     wd = Watchdog(args.step_timeout)
     wd.start()
     run: Run | None = None
+    problems: dict[str, list[str]] = {}
+    descriptions: dict[str, str] = {}
     code = 0
     interrupted = False
     try:
@@ -450,7 +450,8 @@ def main(argv=None) -> int:
                     jfs.teardown()
                     created.remove(jfs)
         for t in targets:
-            log(f"target {t.name}: {t.describe()}")
+            descriptions[t.name] = t.describe()
+            log(f"target {t.name}: {descriptions[t.name]}")
 
         run = Run(args, sz, wl.figures(sz), targets, wd)
         for ph in build_phases(run, tarball, tar_entries):
@@ -503,7 +504,7 @@ def main(argv=None) -> int:
           f"{' (INTERRUPTED: partial)' if interrupted else ''}")
     print(f"machine: {os.cpu_count()} cores, {platform.platform()}, python {platform.python_version()}")
     for t in run.targets:
-        print(f"  {t.name}: {t.describe() if t.name != 'juicefs' else t.describe()}")
+        print(f"  {t.name}: {descriptions.get(t.name, '')}")
     print(f"medians of {args.repeat} runs ({args.repeat_big} for the {wl.human_bytes(sz.seq_bytes)} figures)")
     print()
     print(table(rows, names))
@@ -540,7 +541,7 @@ def main(argv=None) -> int:
         "repeat": args.repeat, "repeat_big": args.repeat_big, "sizes": asdict(sz),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "targets": {t.name: t.describe() for t in run.targets},
+        "targets": descriptions,
         "ratio_meaning": "speed ratio, > 1 means agentmount is faster (time figures: other_s / agentmount_s)",
         "figures": rows, "errors": run.errors, "daemon_logs": logs_kept,
         "agentmount_log_problems": problems.get("agentmount", []),

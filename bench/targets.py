@@ -227,6 +227,11 @@ class AgentmountTarget(Target):
         return f"remounted (umount {s:.2f} s) + page cache dropped"
 
     def abort(self) -> None:
+        if self.pid is None and is_mounted(self.mp):
+            try:  # e.g. interrupted while `agentmount mount` was starting it
+                self.pid = int(os.getxattr(self.mp, "user.agentmount.pid"))
+            except (OSError, ValueError):
+                pass
         if self.pid is not None:
             try:
                 os.kill(self.pid, signal.SIGKILL)
@@ -249,6 +254,11 @@ class AgentmountTarget(Target):
             return False
 
     def teardown(self) -> None:
+        if self.pid is None and is_mounted(self.mp):
+            try:  # mounted by an `agentmount mount` that we were interrupted in
+                self.pid = int(os.getxattr(self.mp, "user.agentmount.pid"))
+            except (OSError, ValueError):
+                pass
         try:
             if self.pid is not None and is_mounted(self.mp):
                 s = self.umount()

@@ -39,19 +39,22 @@ class BlockIO:
         self._down = trio.CapacityLimiter(download_concurrency)
         self._cpu = trio.CapacityLimiter(cpu_threads)
         self._inflight: dict[str, trio.Event] = {}
+        # Blocks committed inline in the journal whose own upload is still running:
+        # served from here, never evicted, until the upload lands.
+        self.pinned: dict[str, bytes] = {}
         self.uploads_in_flight = 0
         self.bytes_uploaded = 0
         self.bytes_downloaded = 0
 
-    async def put(self, key: str, plain: bytes) -> None:
-        """Encode and store one block; returns once it is durable in the store."""
+    async def put(self, key: str, plain: bytes, sync: bool = True) -> None:
+        """Encode and store one block; returns once it is durable in the store (see sync)."""
         async with self._up:
             self.uploads_in_flight += 1
             try:
                 obj = await trio.to_thread.run_sync(block.encode, plain, self.level, limiter=self._cpu)
                 try:
                     with trio.fail_after(self.timeout):
-                        await self.store.put(key, obj)
+                        await self.store.put(key, obj, sync=sync)
                 except trio.TooSlowError:
                     log.error("upload of %s timed out", key)
                     raise FsError(errno.EIO, f"store timeout writing {key}") from None
@@ -67,6 +70,9 @@ class BlockIO:
     async def get(self, key: str) -> bytes:
         """Return the verified plain bytes of a block (EIO when missing or corrupt)."""
         v = self.mem.get(key)
+        if v is not None:
+            return v
+        v = self.pinned.get(key)
         if v is not None:
             return v
         while key in self._inflight:

@@ -66,12 +66,20 @@ class Operations(pyfuse3.Operations):
         e.st_ctime_ns = a.ctime
         return e
 
+    def _ref(self, a: Attr) -> pyfuse3.EntryAttributes:
+        """An entry reply: the kernel holds one more lookup reference to the inode until it forgets it."""
+        self.vfs.ref(a.ino)
+        return self._entry(a)
+
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._entry(await self.vfs.lookup(parent_inode, name))
+        return self._ref(await self.vfs.lookup(parent_inode, name))
 
     async def forget(self, inode_list):
-        return None
+        try:
+            await self.vfs.forget(inode_list)
+        except Exception:  # noqa: BLE001 - forget has no reply to carry an error
+            log.exception("forget failed")
 
     @_errors
     async def getattr(self, inode, ctx=None):
@@ -100,18 +108,18 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self._entry(await self.vfs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+        return self._ref(await self.vfs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
         import stat
-        return self._entry(await self.vfs.mknod(parent_inode, name, (mode & 0o7777) | stat.S_IFDIR, 0,
+        return self._ref(await self.vfs.mknod(parent_inode, name, (mode & 0o7777) | stat.S_IFDIR, 0,
                                                 ctx.uid, ctx.gid))
 
     @_errors
     async def symlink(self, parent_inode, name, target, ctx):
         import stat
-        return self._entry(await self.vfs.mknod(parent_inode, name, stat.S_IFLNK | 0o777, 0, ctx.uid, ctx.gid,
+        return self._ref(await self.vfs.mknod(parent_inode, name, stat.S_IFLNK | 0o777, 0, ctx.uid, ctx.gid,
                                                 target=target))
 
     @_errors
@@ -128,7 +136,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._entry(await self.vfs.link(inode, new_parent_inode, new_name))
+        return self._ref(await self.vfs.link(inode, new_parent_inode, new_name))
 
     @_errors
     async def open(self, inode, flags, ctx):
@@ -138,7 +146,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         fh, attr = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(attr)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._ref(attr)
 
     @_errors
     async def read(self, fh, off, size):
@@ -169,6 +177,8 @@ class Operations(pyfuse3.Operations):
         for name, attr, nxt in await self.vfs.readdir(fh, start_id):
             if not pyfuse3.readdir_reply(token, name, self._entry(attr), nxt):
                 break
+            if name not in (b".", b".."):
+                self.vfs.ref(attr.ino)
 
     @_errors
     async def releasedir(self, fh):

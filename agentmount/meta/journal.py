@@ -21,6 +21,7 @@ import msgpack
 import trio
 
 from agentmount.chunks import block
+from agentmount.chunks.layout import block_key
 from agentmount.errors import FsError
 from agentmount.meta.state import NamespaceState
 from backend.store import NotFound, ObjectStore, StoreError
@@ -74,6 +75,7 @@ class Loaded:
     epoch: int           # highest epoch seen in the store
     snapshot_seq: int
     replayed: int
+    inline: dict[str, bytes]    # block key -> bytes committed inline by replayed records
 
 
 async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
@@ -126,12 +128,16 @@ async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
             if prev is None or prev[0] < e:
                 records[s] = (e, rec)
     replayed = 0
+    inline: dict[str, bytes] = {}
     for s in sorted(records):
         if s != state.seq + 1:
             raise RecoveryError(f"workspace {ws}: journal gap after seq {state.seq} (next is {s})")
-        state.apply(records[s][1])
+        rec = records[s][1]
+        for sid, data in (rec.get("inline") or {}).items():
+            inline[block_key(ws, sid, 0)] = data
+        state.apply(rec)
         replayed += 1
-    return Loaded(state=state, epoch=max_epoch, snapshot_seq=snap_seq, replayed=replayed)
+    return Loaded(state=state, epoch=max_epoch, snapshot_seq=snap_seq, replayed=replayed, inline=inline)
 
 
 class Journal:
@@ -149,6 +155,7 @@ class Journal:
         self._pending: list[dict] = []
         self._wake = trio.Event()
         self._urgent = False
+        self._urgent_ev = trio.Event()
         self._progress = trio.Event()
         self.error: str | None = None
         self.records_since_snapshot = 0
@@ -176,6 +183,7 @@ class Journal:
         if self.durable_seq >= seq:
             return
         self._urgent = True
+        self._urgent_ev.set()
         self._wake.set()
         with trio.move_on_after(self.timeout) as scope:
             while self.durable_seq < seq:
@@ -194,8 +202,11 @@ class Journal:
                     return
                 await self._wake.wait()
             if not self._urgent and self.window > 0:
-                await trio.sleep(self.window)
+                # Wait out the group-commit window, unless a waiter needs durability now.
+                with trio.move_on_after(self.window):
+                    await self._urgent_ev.wait()
             self._urgent = False
+            self._urgent_ev = trio.Event()
             batch = self._pending
             self._pending = []
             data = await trio.to_thread.run_sync(encode_segment, self.ws, self.epoch, batch)

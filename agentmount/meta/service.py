@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat as st
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -58,7 +58,8 @@ class NamespaceService:
     async def listxattr(self, ino: int) -> list[bytes]: raise NotImplementedError
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None: raise NotImplementedError
     async def removexattr(self, ino: int, name: bytes) -> None: raise NotImplementedError
-    async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int) -> int:
+    async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int,
+                           inline: dict[str, bytes] | None = None) -> int:
         raise NotImplementedError
     async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice], drop: list[Slice]) -> int:
         raise NotImplementedError
@@ -84,6 +85,9 @@ class LocalNamespace(NamespaceService):
         self._snapshot_lock = trio.Lock()
         self.blocks_deleted = 0
         self.on_gc: Callable[[str], object] | None = None
+        # Awaited before a snapshot: blocks committed inline must be stored before the
+        # journal segments carrying them can be pruned.
+        self.before_snapshot: Callable[[], Awaitable[None]] | None = None
 
     # -- helpers -----------------------------------------------------------------------
     def _node(self, ino: int) -> Inode:
@@ -285,7 +289,10 @@ class LocalNamespace(NamespaceService):
         self._commit({"op": "rmxattr", "ino": ino, "name": name})
 
     # -- data --------------------------------------------------------------------------
-    async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int) -> int:
+    async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int,
+                           inline: dict[str, bytes] | None = None) -> int:
+        """Commit uploaded slices; `inline` carries the bytes of small slices (sid -> data) whose
+        blocks upload after the commit (recovery re-stores them from the journal)."""
         node = self.state.inodes.get(ino)
         if node is None:
             # Freed while the write was in flight: its blocks are garbage.
@@ -293,8 +300,11 @@ class LocalNamespace(NamespaceService):
                                   [s for _, s in slices]))
             self._gc_wake.set()
             return self.journal.last_seq
-        return self._commit({"op": "write", "ino": ino, "slices": [(i, s.to_tuple()) for i, s in slices],
-                             "end": end, "mtime": mtime})
+        rec = {"op": "write", "ino": ino, "slices": [(i, s.to_tuple()) for i, s in slices], "end": end,
+               "mtime": mtime}
+        if inline:
+            rec["inline"] = inline
+        return self._commit(rec)
 
     async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice], drop: list[Slice]) -> int:
         """Replace `drop` (hidden once `new` is on top) by `new`, if the chunk still is `old`."""
@@ -316,6 +326,8 @@ class LocalNamespace(NamespaceService):
     async def snapshot(self) -> None:
         """Write a snapshot of the current state, then prune covered journal segments."""
         async with self._snapshot_lock:
+            if self.before_snapshot is not None:
+                await self.before_snapshot()
             self.journal.records_since_snapshot = 0
             seq = self.state.seq
             await jr.write_snapshot(self.store, self.state)

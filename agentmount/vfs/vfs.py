@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import trio
 
+from agentmount.chunks import block
 from agentmount.chunks.blockio import BlockIO
+from agentmount.chunks.layout import block_key
 from agentmount.config import Config
 from agentmount.errors import FsError
 from agentmount.meta import journal as jr
@@ -30,7 +32,7 @@ from agentmount.meta.state import ROOT_INO, Inode
 from agentmount.vfs.compactor import Compactor
 from agentmount.vfs.reader import Reader
 from agentmount.vfs.writer import DirtyFile, WriteBudget
-from backend.store import ObjectStore
+from backend.store import ObjectStore, StoreError
 
 log = logging.getLogger("agentmount.vfs")
 
@@ -38,6 +40,7 @@ MOUNT_ROOT = 1
 WS_SHIFT = 40
 LOCAL_MASK = (1 << WS_SHIFT) - 1
 PID_XATTR = b"user.agentmount.pid"
+INLINE_MAX = 64 << 10
 
 
 @dataclass(slots=True)
@@ -66,16 +69,20 @@ class Workspace:
         self.base = index << WS_SHIFT
         self.dirty: dict[int, DirtyFile] = {}
         self.opens: dict[int, int] = {}
+        self.lookups: dict[int, int] = {}  # the kernel's lookup count per inode (until forget)
         self.nursery: trio.Nursery | None = None
         self.cancel: trio.CancelScope | None = None
         self.reader: Reader | None = None
         self.compactor: Compactor | None = None
+        self.inline_pending: set[str] = set()
+        self.inline_idle = trio.Event()
 
     def gino(self, local: int) -> int:
         return self.base | local
 
-    def is_open(self, local: int) -> bool:
-        return self.opens.get(local, 0) > 0
+    def in_use(self, local: int) -> bool:
+        """Whether the kernel still references the inode (open handles or lookups not yet forgotten)."""
+        return self.opens.get(local, 0) > 0 or self.lookups.get(local, 0) > 0
 
 
 class FileHandle:
@@ -118,6 +125,9 @@ class VFS:
         self.gid = os.getgid()
         self.started = time.time_ns()
         self.bsize = cfg.block_size
+        # Slices up to this size commit their bytes inline in the journal record, so a small
+        # file's close() costs one durable put (the journal segment) instead of two.
+        self.inline_max = min(INLINE_MAX, self.bsize)
         self._ws_lock = trio.Lock()
 
     # -- workspaces --------------------------------------------------------------------
@@ -141,7 +151,15 @@ class VFS:
         meta.on_gc = self._on_gc
         ws = Workspace(name, self._next_index, meta, info)
         self._next_index += 1
+        meta.before_snapshot = lambda: self._inline_barrier(ws)
         await self.nursery.start(self._run_ws, ws)
+        if loaded.inline:
+            # Blocks committed inline whose upload a crash cut short: store them from the journal.
+            live = meta.referenced_sids()
+            for key, data in loaded.inline.items():
+                sid = key.rsplit("/", 1)[1].rsplit("_", 1)[0]
+                if sid in live and not await self._block_ok(key):
+                    await self.blockio.put(key, data)
         # Inodes left unlinked-but-open by a crash are orphans now: free them.
         for node in [n for n in loaded.state.inodes.values() if n.nlink == 0]:
             await meta.free(node.ino)
@@ -150,6 +168,14 @@ class VFS:
         log.info("workspace %s: snapshot %d + %d records replayed, epoch %d", name, loaded.snapshot_seq,
                  loaded.replayed, epoch)
         return ws
+
+    async def _block_ok(self, key: str) -> bool:
+        try:
+            obj = await self.store.get(key)
+            await trio.to_thread.run_sync(block.decode, obj)
+            return True
+        except (StoreError, block.CorruptBlock):
+            return False
 
     async def _run_ws(self, ws: Workspace, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
@@ -196,6 +222,10 @@ class VFS:
                 await self._commit(ws, ino, d, durable=False)
             except FsError as e:
                 log.error("workspace %s inode %d: unflushed data lost: %s", ws.name, ino, e)
+        if final:
+            # The kernel sends no forgets at unmount: unlinked inodes it still knew are orphans now.
+            for node in [n for n in ws.meta.state.inodes.values() if n.nlink == 0]:
+                await ws.meta.free(node.ino)
         await ws.meta.journal.close()
         if final:
             await ws.meta.snapshot()
@@ -312,8 +342,8 @@ class VFS:
             await self.delete_workspace(name.decode("utf-8", "surrogateescape"))
             return
         ws, ino = self._resolve(parent)
-        node = await ws.meta.unlink(ino, name, is_dir, ws.is_open)
-        if node.nlink == 0 and not ws.is_open(node.ino):
+        node = await ws.meta.unlink(ino, name, is_dir, ws.in_use)
+        if node.nlink == 0 and not ws.in_use(node.ino):
             d = ws.dirty.pop(node.ino, None)
             if d is not None:
                 d.drop_all()
@@ -325,7 +355,7 @@ class VFS:
         dws, dino = self._resolve(dp)
         if dws is not ws:
             raise FsError(errno.EXDEV)
-        await ws.meta.rename(sino, sn, dino, dn, flags, ws.is_open)
+        await ws.meta.rename(sino, sn, dino, dn, flags, ws.in_use)
 
     # -- xattrs ------------------------------------------------------------------------
     async def getxattr(self, gino: int, name: bytes) -> bytes:
@@ -367,6 +397,9 @@ class VFS:
         if node.is_dir:
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if flags & os.O_TRUNC and node.is_reg:
+            # libfuse negotiates atomic_o_trunc: the kernel leaves O_TRUNC to us.
+            await self.setattr(gino, {"size": 0, "mtime": time.time_ns()})
         fh = self._new_fh()
         self.files[fh] = FileHandle(ws, ino, writable)
         ws.opens[ino] = ws.opens.get(ino, 0) + 1
@@ -424,11 +457,14 @@ class VFS:
         async with d.lock:
             if d.empty:
                 return
-            batch = await d.collect()
+            batch = await d.collect(self.inline_max)
             slices = [(p.chunk, p.as_slice()) for p in batch]
             cs = ws.meta.chunk_size
             end = max(p.chunk * cs + p.end for p in batch)
-            seq = await ws.meta.commit_write(ino, slices, end, d.mtime)
+            inline = {p.sid: bytes(p.buf) for p in batch if p.buf}
+            seq = await ws.meta.commit_write(ino, slices, end, d.mtime, inline)
+            for sid, data in inline.items():
+                self._store_inline(ws, block_key(ws.name, sid, 0), data)
             d.committed(batch)
             assert ws.compactor is not None
             node = ws.meta.state.inodes.get(ino)
@@ -437,6 +473,38 @@ class VFS:
                     ws.compactor.consider(ino, idx, len(node.chunks.get(idx, ())))
         if durable:
             await ws.meta.sync(seq)
+
+    def _store_inline(self, ws: Workspace, key: str, data: bytes) -> None:
+        """Serve `key` from memory and store it in the background (it is durable in the journal)."""
+        self.blockio.pinned[key] = data
+        ws.inline_pending.add(key)
+        assert ws.nursery is not None
+        ws.nursery.start_soon(self._upload_inline, ws, key, data)
+
+    async def _upload_inline(self, ws: Workspace, key: str, data: bytes) -> None:
+        delay = 0.1
+        try:
+            while True:
+                try:
+                    # Not synced on its own: it is durable in the journal, and the snapshot
+                    # barrier syncs the store before those journal segments can go.
+                    await self.blockio.put(key, data, sync=False)
+                    return
+                except FsError as e:
+                    log.warning("storing inline-committed block %s failed (%s); retrying", key, e)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+        finally:
+            self.blockio.pinned.pop(key, None)
+            ws.inline_pending.discard(key)
+            if not ws.inline_pending:
+                ws.inline_idle.set()
+
+    async def _inline_barrier(self, ws: Workspace) -> None:
+        while ws.inline_pending:
+            ws.inline_idle = trio.Event()
+            await ws.inline_idle.wait()
+        await self.store.barrier()
 
     async def flush(self, fh: int) -> None:
         h = self.files.get(fh)
@@ -484,14 +552,38 @@ class VFS:
                     # failed write-back, the unwritable bytes are dropped and their stored blocks freed.
                     log.error("workspace %s inode %d: dropping unwritten data after %s", ws.name, ino, err)
                     self._discard(ws, d)
-            node = ws.meta.state.inodes.get(ino)
-            if node is not None and node.nlink == 0:
-                d = ws.dirty.pop(ino, None)
-                if d is not None:
-                    self._discard(ws, d)
-                await ws.meta.free(ino)
+            if not ws.in_use(ino):
+                await self._free_orphan(ws, ino)
         if err is not None:
             raise err
+
+    async def _free_orphan(self, ws: Workspace, ino: int) -> None:
+        """Free `ino` if no entry names it any more (its last user is gone)."""
+        node = ws.meta.state.inodes.get(ino)
+        if node is not None and node.nlink == 0:
+            d = ws.dirty.pop(ino, None)
+            if d is not None:
+                self._discard(ws, d)
+            await ws.meta.free(ino)
+
+    def ref(self, gino: int) -> None:
+        """The kernel received an entry for `gino`: one more lookup reference until `forget`."""
+        ws = self.by_index.get(gino >> WS_SHIFT)
+        if ws is not None and gino != MOUNT_ROOT:
+            local = gino & LOCAL_MASK
+            ws.lookups[local] = ws.lookups.get(local, 0) + 1
+
+    async def forget(self, items: list[tuple[int, int]]) -> None:
+        for gino, n in items:
+            ws = self.by_index.get(gino >> WS_SHIFT)
+            if ws is None or gino == MOUNT_ROOT:
+                continue
+            local = gino & LOCAL_MASK
+            left = ws.lookups.pop(local, 0) - n
+            if left > 0:
+                ws.lookups[local] = left
+            elif not ws.in_use(local):
+                await self._free_orphan(ws, local)
 
     def _discard(self, ws: Workspace, d: DirtyFile) -> None:
         keys = d.uploaded_keys()

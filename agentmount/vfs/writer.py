@@ -207,11 +207,20 @@ class DirtyFile:
             if p.uploading == 0:
                 p.done.set()
 
-    def seal(self) -> None:
-        """Upload every buffered byte now; later writes start new slices."""
+    def seal(self, inline_max: int = 0) -> None:
+        """Upload every buffered byte now; later writes start new slices.
+
+        Slices of at most `inline_max` bytes that never uploaded a block stay
+        in memory: the caller commits their bytes inline in the journal record.
+        """
         for p in self.slices:
             if not p.sealed:
                 p.sealed = True
+                if inline_max and p.base == 0 and len(p.buf) <= inline_max:
+                    continue
+                while p.buf:
+                    self._start_upload(p, final=True)
+            elif p.buf and not inline_max:
                 while p.buf:
                     self._start_upload(p, final=True)
 
@@ -225,9 +234,12 @@ class DirtyFile:
             self.nursery.start_soon(self._upload, p, bi, data)
         await p.done.wait()
 
-    async def collect(self) -> list[PendingSlice]:
-        """Seal, wait for uploads, return the uploaded slices (raise the first upload error)."""
-        self.seal()
+    async def collect(self, inline_max: int = 0) -> list[PendingSlice]:
+        """Seal, wait for uploads, return the slices (raise the first upload error).
+
+        Slices still holding bytes in `buf` afterwards are the inline ones.
+        """
+        self.seal(inline_max)
         batch = list(self.slices)
         for p in batch:
             await p.done.wait()
@@ -238,6 +250,10 @@ class DirtyFile:
         return batch
 
     def committed(self, batch: list[PendingSlice]) -> None:
+        for p in batch:
+            if p.buf:  # committed inline: the bytes now live in the journal and the pinned cache
+                self.budget.release(len(p.buf))
+                p.buf = bytearray()
         ids = {id(p) for p in batch}
         self.slices = [p for p in self.slices if id(p) not in ids]
 
