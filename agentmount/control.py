@@ -22,6 +22,14 @@ def socket_path(data_dir: str) -> str:
     return os.path.join(data_dir, "control.sock")
 
 
+def _bindable(path: str) -> tuple[str, int | None]:
+    """A path short enough for sun_path (108 bytes): long ones go through /proc/self/fd."""
+    if len(path.encode()) < 100:
+        return path, None
+    fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return f"/proc/self/fd/{fd}/{os.path.basename(path)}", fd
+
+
 async def serve(path: str, vfs, task_status=trio.TASK_STATUS_IGNORED) -> None:
     try:
         os.unlink(path)
@@ -29,10 +37,13 @@ async def serve(path: str, vfs, task_status=trio.TASK_STATUS_IGNORED) -> None:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
+    short, dirfd = _bindable(path)
     try:
-        sock.bind(path)
+        sock.bind(short)
     finally:
         os.umask(old)
+        if dirfd is not None:
+            os.close(dirfd)
     sock.listen(16)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
@@ -89,11 +100,15 @@ def request(data_dir: str, req: dict, timeout: float = 120.0) -> dict | None:
         return None
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
+    short, dirfd = _bindable(path)
     try:
-        s.connect(path)
+        s.connect(short)
     except OSError:
         s.close()
         return None
+    finally:
+        if dirfd is not None:
+            os.close(dirfd)
     try:
         s.sendall(json.dumps(req).encode() + b"\n")
         buf = b""
