@@ -8,6 +8,7 @@ in memory. Errors are FsError with the errno Linux gives.
 """
 from __future__ import annotations
 
+import abc
 import errno
 import logging
 import stat as st
@@ -37,35 +38,68 @@ def check_name(name: bytes) -> None:
         raise FsError(errno.EINVAL)
 
 
-class NamespaceService:
+class NamespaceService(abc.ABC):
     """Metadata operations of one workspace (local inode numbers)."""
 
     ws: str
     chunk_size: int
 
-    async def lookup(self, parent: int, name: bytes) -> Inode: raise NotImplementedError
-    async def getattr(self, ino: int) -> Inode: raise NotImplementedError
+    @abc.abstractmethod
+    async def lookup(self, parent: int, name: bytes) -> Inode: ...
+
+    @abc.abstractmethod
+    async def getattr(self, ino: int) -> Inode: ...
+
+    @abc.abstractmethod
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
-                    target: bytes | None = None) -> Inode: raise NotImplementedError
-    async def link(self, ino: int, parent: int, name: bytes) -> Inode: raise NotImplementedError
+                    target: bytes | None = None) -> Inode: ...
+
+    @abc.abstractmethod
+    async def link(self, ino: int, parent: int, name: bytes) -> Inode: ...
+
+    @abc.abstractmethod
     async def unlink(self, parent: int, name: bytes, is_dir: bool, is_open: Callable[[int], bool]) -> Inode:
-        raise NotImplementedError
+        ...
+
+    @abc.abstractmethod
     async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, flags: int,
-                     is_open: Callable[[int], bool]) -> None: raise NotImplementedError
-    async def setattr(self, ino: int, changes: dict) -> Inode: raise NotImplementedError
-    async def readdir(self, ino: int) -> list[tuple[bytes, int]]: raise NotImplementedError
-    async def getxattr(self, ino: int, name: bytes) -> bytes: raise NotImplementedError
-    async def listxattr(self, ino: int) -> list[bytes]: raise NotImplementedError
-    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None: raise NotImplementedError
-    async def removexattr(self, ino: int, name: bytes) -> None: raise NotImplementedError
+                     is_open: Callable[[int], bool]) -> None: ...
+
+    @abc.abstractmethod
+    async def setattr(self, ino: int, changes: dict) -> Inode: ...
+
+    @abc.abstractmethod
+    async def readdir(self, ino: int) -> list[tuple[bytes, int]]: ...
+
+    @abc.abstractmethod
+    async def getxattr(self, ino: int, name: bytes) -> bytes: ...
+
+    @abc.abstractmethod
+    async def listxattr(self, ino: int) -> list[bytes]: ...
+
+    @abc.abstractmethod
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def removexattr(self, ino: int, name: bytes) -> None: ...
+
+    @abc.abstractmethod
     async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int,
                            inline: dict[str, bytes] | None = None) -> int:
-        raise NotImplementedError
+        ...
+
+    @abc.abstractmethod
     async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice], drop: list[Slice]) -> int:
-        raise NotImplementedError
-    async def free(self, ino: int) -> None: raise NotImplementedError
-    async def slices(self, ino: int, chunk: int) -> list[Slice]: raise NotImplementedError
-    async def sync(self, seq: int | None = None) -> None: raise NotImplementedError
+        ...
+
+    @abc.abstractmethod
+    async def free(self, ino: int) -> None: ...
+
+    @abc.abstractmethod
+    async def slices(self, ino: int, chunk: int) -> list[Slice]: ...
+
+    @abc.abstractmethod
+    async def sync(self, seq: int | None = None) -> None: ...
 
 
 class LocalNamespace(NamespaceService):
