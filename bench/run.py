@@ -364,6 +364,15 @@ def table(rows: list[dict], names: list[str]) -> str:
     return "\n".join(out)
 
 
+def close_fds_under(root: Path) -> None:
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(root) + "/"):
+                os.close(int(fd))
+        except OSError:
+            pass
+
+
 def log_problems(path: Path | None, limit: int = 40) -> list[str]:
     if not path or not path.exists():
         return []
@@ -458,7 +467,7 @@ def main(argv=None) -> int:
             run.run_phase(ph)
     except KeyboardInterrupt as e:
         interrupted = True
-        log(f"interrupted ({e or 'Ctrl-C'}): cleaning up")
+        log(f"interrupted ({str(e) or 'Ctrl-C'}): cleaning up")
         code = 130
     except Exception as e:  # noqa: BLE001
         log(f"FAILED: {type(e).__name__}: {e}")
@@ -470,6 +479,7 @@ def main(argv=None) -> int:
         logs_kept = {}
         try:
             log("cleaning up ...")
+            close_fds_under(tmp)  # an fd left open by an interrupted step would make the unmount EBUSY
             for t in reversed(created):
                 try:
                     t.teardown()
@@ -505,7 +515,7 @@ def main(argv=None) -> int:
     print(f"machine: {os.cpu_count()} cores, {platform.platform()}, python {platform.python_version()}")
     for t in run.targets:
         print(f"  {t.name}: {descriptions.get(t.name, '')}")
-    print(f"medians of {args.repeat} runs ({args.repeat_big} for the {wl.human_bytes(sz.seq_bytes)} figures)")
+    print(f"medians of {args.repeat} run(s) each ({args.repeat_big} for the {wl.human_bytes(sz.seq_bytes)} figures)")
     print()
     print(table(rows, names))
     print()
@@ -517,6 +527,9 @@ def main(argv=None) -> int:
     print("  * cold reads: owned mounts are unmounted and remounted (JuiceFS block cache emptied), and for every")
     print("    target the kernel page cache is dropped (sync; echo 3 > /proc/sys/vm/drop_caches); warm = read again")
     print("    right away. 4 KiB random reads are cold too (cache dropped before each run).")
+    if args.target:
+        print("    --target is not a mount this benchmark owns, so it is not remounted: a daemon's own memory")
+        print("    cache may still serve the 'cold' reads there.")
     print("  * tar: GNU tar -xf of a stdlib tarball (no fsync; agentmount's close() per file is still durable);")
     print("    rm -rf of the extracted tree is timed separately.")
     if run.errors:

@@ -191,6 +191,14 @@ def _stat_key(s: os.stat_result) -> tuple:
     return (stat.filemode(s.st_mode), oct(s.st_mode), s.st_nlink, None if fmt == stat.S_IFDIR else s.st_size)
 
 
+def _mtime(fd: int, problems: list[str], when: str) -> int | None:
+    try:
+        return os.fstat(fd).st_mtime_ns
+    except OSError as e:
+        problems.append(f"fstat of the open fd {when} the write failed: {errno.errorcode.get(e.errno, e.errno)}")
+        return None
+
+
 def _do(side: Side, op: list, mtimes: list[str]):
     """Run `op` on `side`; return a comparable result. Raises OSError for errno results."""
     kind = op[0]
@@ -212,11 +220,11 @@ def _do(side: Side, op: list, mtimes: list[str]):
             return "ok"
         if kind == "pwrite":
             _, _, off, size, dseed = op
-            before = os.fstat(fd).st_mtime_ns if side.is_mount else None
+            before = _mtime(fd, mtimes, "before") if side.is_mount else None
             n = os.pwrite(fd, _data(dseed, size), off)
             if side.is_mount:
-                after = os.fstat(fd).st_mtime_ns
-                if after < before:
+                after = _mtime(fd, mtimes, "after")
+                if before is not None and after is not None and after < before:
                     mtimes.append(f"mtime went back after write: {before} -> {after}")
             return n
         if kind == "pread":
@@ -379,7 +387,7 @@ def run_ops(mount, mroot: Path, lroot: Path, ops: list[list], stats: dict | None
             if want != got:
                 fail(f"{op!r}: local={want!r} mount={got!r}")
             if mtimes:
-                fail(f"{op!r}: " + "; ".join(mtimes))
+                fail(f"{op!r} (result {got!r} on both): " + "; ".join(mtimes))
     finally:
         ms.close_all()
         ls.close_all()

@@ -207,6 +207,8 @@ class Journal:
                     await self._urgent_ev.wait()
             self._urgent = False
             self._urgent_ev = trio.Event()
+            if not self._pending:
+                continue  # woken to stop, or a waiter found nothing left to write
             batch = self._pending
             self._pending = []
             data = await trio.to_thread.run_sync(encode_segment, self.ws, self.epoch, batch)
