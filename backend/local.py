@@ -76,7 +76,7 @@ class LocalStore(ObjectStore):
         finally:
             os.close(fd)
 
-    def _put_sync(self, key: str, data: bytes, create_only: bool, sync: bool = True) -> None:
+    def _put_sync(self, key: str, data, create_only: bool, sync: bool = True) -> None:
         path = self._path(key)
         d = os.path.dirname(path)
         try:
@@ -84,10 +84,15 @@ class LocalStore(ObjectStore):
             tmp = path + _TMP_SUFFIX + secrets.token_hex(6)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                bufs = [memoryview(b) for b in ((data,) if isinstance(data, (bytes, bytearray, memoryview))
+                                                else data)]
+                while bufs:
+                    n = os.writev(fd, bufs)
+                    while bufs and n >= len(bufs[0]):
+                        n -= len(bufs[0])
+                        bufs.pop(0)
+                    if n:
+                        bufs[0] = bufs[0][n:]
                 if self.fsync and sync:
                     os.fdatasync(fd)
             except BaseException:
@@ -174,7 +179,7 @@ class LocalStore(ObjectStore):
     async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         return await self._run(self._get_sync, key, start, end)
 
-    async def put(self, key: str, data: bytes, *, create_only: bool = False, sync: bool = True) -> None:
+    async def put(self, key: str, data, *, create_only: bool = False, sync: bool = True) -> None:
         await self._run(self._put_sync, key, data, create_only, sync)
 
     def _barrier_sync(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 
 class StoreError(Exception):
@@ -57,8 +57,10 @@ class ObjectStore(abc.ABC):
         """Return the object's bytes, or bytes [start, end) of it."""
 
     @abc.abstractmethod
-    async def put(self, key: str, data: bytes, *, create_only: bool = False, sync: bool = True) -> None:
-        """Store `data` under `key` atomically, and durably unless `sync` is False.
+    async def put(self, key: str, data: "bytes | Sequence[bytes]", *, create_only: bool = False,
+                  sync: bool = True) -> None:
+        """Store `data` (bytes, or buffers to concatenate) under `key` atomically, and durably
+        unless `sync` is False.
 
         With sync=False the object may be lost or torn by a crash until the
         next `barrier()` returns; callers use it only for data they can rebuild.

@@ -99,6 +99,10 @@ class Mount:
         if r.returncode != 0:
             raise AssertionError(f"umount failed: {r.stderr}")
         self.pid = None
+        log = self.data / "agentmount.log"
+        if log.exists():
+            text = log.read_text()
+            assert "daemon failed" not in text and "Traceback" not in text, text[-4000:]
 
     def remount(self) -> None:
         self.umount()

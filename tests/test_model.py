@@ -78,8 +78,10 @@ OPEN_FLAGS = [
 WEIGHTS = {
     "open": 14, "close": 6, "pwrite": 16, "pread": 9, "ftruncate": 4, "truncate": 3, "fsync": 3, "fstat": 4,
     "rename": 8, "link": 4, "unlink": 6, "mkdir": 6, "rmdir": 4, "symlink": 4, "readlink": 2, "chmod": 3,
-    "stat": 4, "listdir": 2,
+    "stat": 4, "listdir": 2, "write": 8, "read": 4, "lseek": 3, "setxattr": 3, "getxattr": 2, "listxattr": 1,
+    "removexattr": 2,
 }
+XATTR_NAMES = ["user.a", "user.b"]
 _OPS = list(WEIGHTS)
 _W = [WEIGHTS[k] for k in _OPS]
 
@@ -145,6 +147,22 @@ def gen_ops(seed: int, n: int, bs: int, far: int, big: int, remount_every: int =
                 ops.append(["chmod", p, r.choice(CHMOD_MODES)])
             elif kind == "stat":
                 ops.append(["stat", p, r.random() < 0.5])
+            elif kind == "write":
+                ops.append(["write", slot, _size(r, bs, big) if r.random() < 0.3 else r.randint(1, 3000),
+                            r.randrange(1 << 30)])
+            elif kind == "read":
+                ops.append(["read", slot, r.choice([1, 100, 4096, 65536, bs])])
+            elif kind == "lseek":
+                whence = r.choice([os.SEEK_SET, os.SEEK_CUR, os.SEEK_END])
+                off = _offset(r, bs, far) if whence == os.SEEK_SET else r.randint(-5000, 5000)
+                ops.append(["lseek", slot, off, whence])
+            elif kind == "setxattr":
+                ops.append(["setxattr", p, r.choice(XATTR_NAMES), r.randbytes(r.choice([0, 3, 40])).hex(),
+                            r.choice([0, 0, os.XATTR_CREATE, os.XATTR_REPLACE]), r.random() < 0.7])
+            elif kind in ("getxattr", "removexattr"):
+                ops.append([kind, p, r.choice(XATTR_NAMES), r.random() < 0.7])
+            elif kind == "listxattr":
+                ops.append(["listxattr", p, r.random() < 0.7])
             else:  # pragma: no cover
                 raise AssertionError(kind)
         if (i + 1) % CHECK_EVERY == 0:
@@ -210,7 +228,7 @@ def _do(side: Side, op: list, mtimes: list[str]):
             side.fds[slot] = None
         side.fds[slot] = os.open(P(p), flags, mode)
         return "ok"
-    if kind in ("close", "pwrite", "pread", "ftruncate", "fsync", "fstat"):
+    if kind in ("close", "pwrite", "pread", "ftruncate", "fsync", "fstat", "write", "read", "lseek"):
         fd = side.fds[op[1]]
         if fd is None:
             return "no fd"
@@ -233,6 +251,15 @@ def _do(side: Side, op: list, mtimes: list[str]):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             data = os.pread(fd, size, off)
             return (len(data), hashlib.blake2b(data, digest_size=8).hexdigest())
+        if kind == "write":
+            return os.write(fd, _data(op[3], op[2]))
+        if kind == "read":
+            data = os.read(fd, op[2])
+            return (len(data), hashlib.blake2b(data, digest_size=8).hexdigest())
+        if kind == "lseek":
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                return "dir"  # directory offsets are opaque cookies
+            return os.lseek(fd, op[2], op[3])
         if kind == "ftruncate":
             os.ftruncate(fd, op[2])
             return "ok"
@@ -275,6 +302,17 @@ def _do(side: Side, op: list, mtimes: list[str]):
         return _stat_key(os.stat(P(op[1]), follow_symlinks=op[2]))
     if kind == "listdir":
         return sorted(os.listdir(P(op[1])))
+    if kind == "setxattr":
+        _, p, name, value, flags, follow = op
+        os.setxattr(P(p), name, bytes.fromhex(value), flags, follow_symlinks=follow)
+        return "ok"
+    if kind == "getxattr":
+        return os.getxattr(P(op[1]), op[2], follow_symlinks=op[3]).hex()
+    if kind == "removexattr":
+        os.removexattr(P(op[1]), op[2], follow_symlinks=op[3])
+        return "ok"
+    if kind == "listxattr":
+        return sorted(os.listxattr(P(op[1]), follow_symlinks=op[2]))
     raise AssertionError(f"unknown op {op!r}")
 
 
@@ -319,11 +357,14 @@ def snapshot_tree(root: Path, drop_cache: bool) -> dict:
             elif stat.S_ISLNK(s.st_mode):
                 extra = os.readlink(root / r)
                 by_ino.setdefault(s.st_ino, []).append(r)
-            entries[r] = (_stat_key(s), extra)
+            xattrs = None
+            if not stat.S_ISLNK(s.st_mode):
+                xattrs = sorted((n, os.getxattr(root / r, n).hex()) for n in os.listxattr(root / r))
+            entries[r] = (_stat_key(s), extra, xattrs)
             if stat.S_ISDIR(s.st_mode):
                 walk(r)
 
-    entries["."] = (_stat_key(os.lstat(root)), None)
+    entries["."] = (_stat_key(os.lstat(root)), None, sorted(os.listxattr(root)))
     walk("")
     groups = sorted(sorted(g) for g in by_ino.values() if len(g) > 1)
     return {"entries": entries, "links": groups}

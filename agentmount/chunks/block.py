@@ -50,13 +50,32 @@ def checksum(data: bytes | memoryview) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
-def encode(plain: bytes | memoryview, level: int = 1) -> bytes:
-    """Return the block object for `plain` (call from a worker thread for big blocks)."""
+_SAMPLE = 64 << 10
+
+
+def encode_parts(plain: bytes | bytearray | memoryview, level: int = 1) -> tuple[bytes, bytes | bytearray | memoryview]:
+    """Return (header, payload) of the block object for `plain`, without copying raw payloads.
+
+    Call from a worker thread for big blocks.
+    """
     digest = checksum(plain)
-    comp = _compressor(level).compress(plain)
-    if len(comp) < len(plain):
-        return _HEADER.pack(MAGIC, VERSION, CODEC_ZSTD, len(plain), digest) + comp
-    return _HEADER.pack(MAGIC, VERSION, CODEC_RAW, len(plain), digest) + bytes(plain)
+    comp = _compressor(level)
+    if len(plain) > 4 * _SAMPLE:
+        # Incompressible data (media, archives, random bytes) is common: a sample from the
+        # middle tells, and skips compressing megabytes that would be stored raw anyway.
+        mid = len(plain) // 2
+        if len(comp.compress(memoryview(plain)[mid:mid + _SAMPLE])) > _SAMPLE * 0.97:
+            return _HEADER.pack(MAGIC, VERSION, CODEC_RAW, len(plain), digest), plain
+    packed = comp.compress(plain)
+    if len(packed) < len(plain):
+        return _HEADER.pack(MAGIC, VERSION, CODEC_ZSTD, len(plain), digest), packed
+    return _HEADER.pack(MAGIC, VERSION, CODEC_RAW, len(plain), digest), plain
+
+
+def encode(plain: bytes | bytearray | memoryview, level: int = 1) -> bytes:
+    """Return the block object for `plain` as one bytes object."""
+    header, payload = encode_parts(plain, level)
+    return header + bytes(payload)
 
 
 def decode(obj: bytes) -> bytes:

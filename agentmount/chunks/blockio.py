@@ -51,7 +51,9 @@ class BlockIO:
         async with self._up:
             self.uploads_in_flight += 1
             try:
-                obj = await trio.to_thread.run_sync(block.encode, plain, self.level, limiter=self._cpu)
+                header, payload = await trio.to_thread.run_sync(block.encode_parts, plain, self.level,
+                                                                limiter=self._cpu)
+                obj = [header, payload]
                 try:
                     with trio.fail_after(self.timeout):
                         await self.store.put(key, obj, sync=sync)
@@ -61,11 +63,12 @@ class BlockIO:
                 except StoreError as e:
                     log.error("upload of %s failed: %s", key, e)
                     raise FsError(store_errno(e), str(e)) from None
-                self.bytes_uploaded += len(obj)
+                self.bytes_uploaded += len(header) + len(payload)
             finally:
                 self.uploads_in_flight -= 1
-        self.mem.put(key, plain)
-        await self.disk.put(key, obj)
+        self.mem.put(key, bytes(plain) if not isinstance(plain, bytes) else plain)
+        if not self.disk.disabled_reason:
+            await self.disk.put(key, header + bytes(payload))
 
     async def get(self, key: str) -> bytes:
         """Return the verified plain bytes of a block (EIO when missing or corrupt)."""

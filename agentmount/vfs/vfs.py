@@ -129,6 +129,8 @@ class VFS:
         # file's close() costs one durable put (the journal segment) instead of two.
         self.inline_max = min(INLINE_MAX, self.bsize)
         self._ws_lock = trio.Lock()
+        self.write_calls = 0
+        self.bytes_written = 0
 
     # -- workspaces --------------------------------------------------------------------
     async def load_workspaces(self) -> None:
@@ -450,6 +452,8 @@ class VFS:
             err, d.error = d.error, None
             raise err
         await d.write(off, data, time.time_ns())
+        self.write_calls += 1
+        self.bytes_written += len(data)
         h.wrote = True
         return len(data)
 
@@ -689,6 +693,8 @@ class VFS:
                     "blocks_deleted": ws.meta.blocks_deleted}
                 for n, ws in self.workspaces.items()},
             "write_buffer_bytes": self.budget.used,
+            "write_calls": self.write_calls,
+            "bytes_written": self.bytes_written,
             "uploads_in_flight": self.blockio.uploads_in_flight,
             "bytes_uploaded": self.blockio.bytes_uploaded,
             "bytes_downloaded": self.blockio.bytes_downloaded,

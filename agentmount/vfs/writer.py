@@ -172,8 +172,12 @@ class DirtyFile:
         n = self.bsize if not final else min(self.bsize, len(p.buf))
         if n == 0:
             return
-        data = bytes(p.buf[:n])
-        del p.buf[:n]
+        if n == len(p.buf):
+            data = bytes(p.buf)   # one copy; the buffer is then reused empty
+            p.buf = bytearray()
+        else:
+            data = bytes(p.buf[:n])
+            del p.buf[:n]
         bi = p.base // self.bsize
         p.base += n
         p.inflight[bi] = data
