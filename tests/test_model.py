@@ -23,6 +23,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import random
 import stat
@@ -79,7 +80,7 @@ WEIGHTS = {
     "open": 14, "close": 6, "pwrite": 16, "pread": 9, "ftruncate": 4, "truncate": 3, "fsync": 3, "fstat": 4,
     "rename": 8, "link": 4, "unlink": 6, "mkdir": 6, "rmdir": 4, "symlink": 4, "readlink": 2, "chmod": 3,
     "stat": 4, "listdir": 2, "write": 8, "read": 4, "lseek": 3, "setxattr": 3, "getxattr": 2, "listxattr": 1,
-    "removexattr": 2,
+    "removexattr": 2, "rmtree": 1, "mmap_write": 2, "utime": 2,
 }
 XATTR_NAMES = ["user.a", "user.b"]
 _OPS = list(WEIGHTS)
@@ -108,69 +109,124 @@ def _size(r: random.Random, bs: int, big: int) -> int:
     return r.randint(big // 2, big)  # spans more than one block
 
 
-def gen_ops(seed: int, n: int, bs: int, far: int, big: int, remount_every: int = 150) -> list[list]:
-    """The operation sequence for `seed`: `n` operations plus checkpoints."""
+class _Picker:
+    """Chooses paths from the pool, biased (when the reference tree is given) towards useful ones."""
+
+    def __init__(self, r: random.Random, lroot: Path | None) -> None:
+        self.r = r
+        self.lroot = lroot
+
+    def _existing(self, want: str = "") -> list[str]:
+        if self.lroot is None:
+            return []
+        out = []
+        for p in PATHS:
+            try:
+                m = os.lstat(self.lroot / p).st_mode
+            except OSError:
+                continue
+            if (not want or (want == "dir" and stat.S_ISDIR(m)) or (want == "file" and stat.S_ISREG(m))
+                    or (want == "nondir" and not stat.S_ISDIR(m))):
+                out.append(p)
+        return out
+
+    def any(self) -> str:
+        return self.r.choice(PATHS)
+
+    def existing(self, want: str = "", p: float = 0.7) -> str:
+        ex = self._existing(want)
+        return self.r.choice(ex) if ex and self.r.random() < p else self.any()
+
+    def new_entry(self) -> str:
+        """A path for a new entry: mostly a missing name in an existing directory."""
+        if self.lroot is not None and self.r.random() < 0.7:
+            have = set(self._existing())
+            dirs = set(self._existing("dir"))
+            free = [p for p in PATHS if p not in have and ("/" not in p or p.split("/")[0] in dirs)]
+            if free:
+                return self.r.choice(free)
+        return self.any()
+
+
+def gen_ops(seed: int, n: int, bs: int, far: int, big: int, lroot: Path | None = None,
+            remount_every: int = 150):
+    """Yield the operation sequence for `seed`: `n` operations plus checkpoints.
+
+    With `lroot` (the reference tree, which `run_ops` updates as it goes) path choices lean
+    towards entries that exist, so renames, links and removals mostly have something to act on.
+    The yielded operations are plain data: a recorded sequence replays without the generator.
+    """
     r = random.Random(seed)
-    ops: list[list] = []
+    pk = _Picker(r, lroot)
     for i in range(n):
         if r.randrange(remount_every) == 0:
-            ops.append(["remount"])
+            yield ["remount"]
         else:
             kind = r.choices(_OPS, _W)[0]
-            p = r.choice(PATHS)
-            q = r.choice(PATHS)
             slot = r.randrange(SLOTS)
             if kind == "open":
-                ops.append(["open", slot, p, r.choice(OPEN_FLAGS), r.choice(CREATE_MODES)])
-            elif kind == "close":
-                ops.append(["close", slot])
+                flags = r.choice(OPEN_FLAGS)
+                p = pk.new_entry() if flags & os.O_CREAT else pk.existing()
+                yield ["open", slot, p, flags, r.choice(CREATE_MODES)]
             elif kind == "pwrite":
-                ops.append(["pwrite", slot, _offset(r, bs, far), _size(r, bs, big), r.randrange(1 << 30)])
+                yield ["pwrite", slot, _offset(r, bs, far), _size(r, bs, big), r.randrange(1 << 30)]
             elif kind == "pread":
-                ops.append(["pread", slot, _offset(r, bs, far), _size(r, bs, big), r.random() < 0.3])
-            elif kind in ("ftruncate", "truncate"):
-                size = r.choice([0, r.randrange(0, 4096), _offset(r, bs, far)])
-                ops.append([kind, slot if kind == "ftruncate" else p, size])
+                yield ["pread", slot, _offset(r, bs, far), _size(r, bs, big), r.random() < 0.3]
+            elif kind == "ftruncate":
+                yield ["ftruncate", slot, r.choice([0, r.randrange(0, 4096), _offset(r, bs, far)])]
+            elif kind == "truncate":
+                yield ["truncate", pk.existing("file"), r.choice([0, r.randrange(0, 4096), _offset(r, bs, far)])]
             elif kind in ("fsync", "fstat", "close"):
-                ops.append([kind, slot])
+                yield [kind, slot]
             elif kind == "rename":
-                ops.append(["rename", p, q, r.choices([0, RENAME_NOREPLACE, RENAME_EXCHANGE], [6, 1, 1])[0]])
+                src = pk.existing()
+                dst = pk.existing(p=0.4) if r.random() < 0.5 else pk.new_entry()
+                yield ["rename", src, dst, r.choices([0, RENAME_NOREPLACE, RENAME_EXCHANGE], [6, 1, 1])[0]]
             elif kind == "link":
-                ops.append(["link", p, q])
-            elif kind in ("unlink", "rmdir", "readlink", "listdir"):
-                ops.append([kind, p])
+                yield ["link", pk.existing("file"), pk.new_entry()]
+            elif kind == "unlink":
+                yield ["unlink", pk.existing("nondir", p=0.8)]
+            elif kind == "rmdir":
+                yield ["rmdir", pk.existing("dir")]
+            elif kind == "mmap_write":
+                yield ["mmap_write", slot, r.randrange(1 << 24), r.choice([1, 100, 5000, bs + 10]), r.randrange(1 << 30)]
+            elif kind == "utime":
+                yield ["utime", pk.existing(), r.randrange(1 << 50), r.randrange(1 << 50), r.random() < 0.7]
+            elif kind == "rmtree":
+                yield ["rmtree", pk.existing("dir")]
+            elif kind in ("readlink", "listdir"):
+                yield [kind, pk.existing()]
             elif kind == "mkdir":
-                ops.append(["mkdir", p, r.choice(DIR_MODES)])
+                yield ["mkdir", r.choice(TOP) if r.random() < 0.5 else pk.new_entry(), r.choice(DIR_MODES)]
             elif kind == "symlink":
-                ops.append(["symlink", r.choice(LINK_TARGETS), p])
+                yield ["symlink", r.choice(LINK_TARGETS), pk.new_entry()]
             elif kind == "chmod":
-                ops.append(["chmod", p, r.choice(CHMOD_MODES)])
+                yield ["chmod", pk.existing(), r.choice(CHMOD_MODES)]
             elif kind == "stat":
-                ops.append(["stat", p, r.random() < 0.5])
+                yield ["stat", pk.existing(), r.random() < 0.5]
             elif kind == "write":
-                ops.append(["write", slot, _size(r, bs, big) if r.random() < 0.3 else r.randint(1, 3000),
-                            r.randrange(1 << 30)])
+                yield ["write", slot, _size(r, bs, big) if r.random() < 0.3 else r.randint(1, 3000),
+                       r.randrange(1 << 30)]
             elif kind == "read":
-                ops.append(["read", slot, r.choice([1, 100, 4096, 65536, bs])])
+                yield ["read", slot, r.choice([1, 100, 4096, 65536, bs])]
             elif kind == "lseek":
                 whence = r.choice([os.SEEK_SET, os.SEEK_CUR, os.SEEK_END])
                 off = _offset(r, bs, far) if whence == os.SEEK_SET else r.randint(-5000, 5000)
-                ops.append(["lseek", slot, off, whence])
+                yield ["lseek", slot, off, whence]
             elif kind == "setxattr":
-                ops.append(["setxattr", p, r.choice(XATTR_NAMES), r.randbytes(r.choice([0, 3, 40])).hex(),
-                            r.choice([0, 0, os.XATTR_CREATE, os.XATTR_REPLACE]), r.random() < 0.7])
+                yield ["setxattr", pk.existing(), r.choice(XATTR_NAMES), r.randbytes(r.choice([0, 3, 40])).hex(),
+                       r.choice([0, 0, os.XATTR_CREATE, os.XATTR_REPLACE]), r.random() < 0.7]
             elif kind in ("getxattr", "removexattr"):
-                ops.append([kind, p, r.choice(XATTR_NAMES), r.random() < 0.7])
+                yield [kind, pk.existing(), r.choice(XATTR_NAMES), r.random() < 0.7]
             elif kind == "listxattr":
-                ops.append(["listxattr", p, r.random() < 0.7])
+                yield ["listxattr", pk.existing(), r.random() < 0.7]
             else:  # pragma: no cover
                 raise AssertionError(kind)
         if (i + 1) % CHECK_EVERY == 0:
-            ops.append(["check"])
-    ops.append(["check"])
-    ops.append(["remount"])
-    ops.append(["check"])
-    return ops
+            yield ["check"]
+    yield ["check"]
+    yield ["remount"]
+    yield ["check"]
 
 
 def _data(dseed: int, size: int) -> bytes:
@@ -217,6 +273,16 @@ def _mtime(fd: int, problems: list[str], when: str) -> int | None:
         return None
 
 
+def _rmtree(path: str) -> None:
+    """rm -r without following symlinks; the first failure propagates."""
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        for name in sorted(os.listdir(path)):
+            _rmtree(os.path.join(path, name))
+        os.rmdir(path)
+    else:
+        os.unlink(path)
+
+
 def _do(side: Side, op: list, mtimes: list[str]):
     """Run `op` on `side`; return a comparable result. Raises OSError for errno results."""
     kind = op[0]
@@ -228,7 +294,7 @@ def _do(side: Side, op: list, mtimes: list[str]):
             side.fds[slot] = None
         side.fds[slot] = os.open(P(p), flags, mode)
         return "ok"
-    if kind in ("close", "pwrite", "pread", "ftruncate", "fsync", "fstat", "write", "read", "lseek"):
+    if kind in ("close", "pwrite", "pread", "ftruncate", "fsync", "fstat", "write", "read", "lseek", "mmap_write"):
         fd = side.fds[op[1]]
         if fd is None:
             return "no fd"
@@ -253,6 +319,17 @@ def _do(side: Side, op: list, mtimes: list[str]):
             return (len(data), hashlib.blake2b(data, digest_size=8).hexdigest())
         if kind == "write":
             return os.write(fd, _data(op[3], op[2]))
+        if kind == "mmap_write":
+            _, _, off, size, dseed = op
+            fsize = os.fstat(fd).st_size
+            if fsize == 0 or stat.S_ISDIR(os.fstat(fd).st_mode):
+                return "empty or dir"
+            off %= fsize
+            size = min(size, fsize - off)
+            with mmap.mmap(fd, fsize, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+                mm[off:off + size] = _data(dseed, size)
+                mm.flush()
+            return (off, size)
         if kind == "read":
             data = os.read(fd, op[2])
             return (len(data), hashlib.blake2b(data, digest_size=8).hexdigest())
@@ -302,6 +379,14 @@ def _do(side: Side, op: list, mtimes: list[str]):
         return _stat_key(os.stat(P(op[1]), follow_symlinks=op[2]))
     if kind == "listdir":
         return sorted(os.listdir(P(op[1])))
+    if kind == "utime":
+        _, p, at, mt, follow = op
+        os.utime(P(p), ns=(at, mt), follow_symlinks=follow)
+        s = os.stat(P(p), follow_symlinks=follow)
+        return (s.st_atime_ns, s.st_mtime_ns)
+    if kind == "rmtree":
+        _rmtree(P(op[1]))
+        return "ok"
     if kind == "setxattr":
         _, p, name, value, flags, follow = op
         os.setxattr(P(p), name, bytes.fromhex(value), flags, follow_symlinks=follow)
@@ -381,26 +466,30 @@ def _diff_trees(want: dict, got: dict) -> list[str]:
     return out
 
 
-def run_ops(mount, mroot: Path, lroot: Path, ops: list[list], stats: dict | None = None,
+def run_ops(mount, mroot: Path, lroot: Path, ops, stats: dict | None = None,
             dump: Path | None = None, label: str = "") -> None:
-    """Run `ops` on the mount subtree `mroot` and the local tree `lroot`; raise Divergence on a mismatch."""
+    """Run `ops` (a list, or gen_ops(..., lroot=lroot)) on the mount subtree `mroot` and the local
+    tree `lroot`; raise Divergence on a mismatch."""
     mroot.mkdir()
     lroot.mkdir()
     ms, ls = Side(mroot, True), Side(lroot, False)
     log: list[str] = []
+    done: list[list] = []
 
     def fail(msg: str) -> None:
         ms.close_all()
         ls.close_all()
         where = ""
         if dump is not None:
-            dump.write_text(json.dumps(ops[:len(log)]))
-            where = f"\nwhole sequence up to the failure: {dump}"
+            dump.write_text(json.dumps(done))
+            where = (f"\nwhole sequence up to the failure: {dump} "
+                     f"(replay: run_ops(mount, mroot, lroot, json.load(open(path))))")
         tail = "\n".join(log[-40:])
         raise Divergence(f"{label} step {len(log) - 1}: {msg}\nlast operations:\n{tail}{where}")
 
     try:
         for op in ops:
+            done.append(op)
             log.append(f"  {len(log)}: {op!r}")
             kind = op[0]
             if kind == "check":
@@ -427,6 +516,9 @@ def run_ops(mount, mroot: Path, lroot: Path, ops: list[list], stats: dict | None
             got = _result(ms, op, mtimes)
             if want != got:
                 fail(f"{op!r}: local={want!r} mount={got!r}")
+            if stats is not None:
+                outcome = f"{kind}:{want[1] if want[0] == 'err' else 'ok'}"
+                stats.setdefault("outcomes", {})[outcome] = stats.setdefault("outcomes", {}).get(outcome, 0) + 1
             if mtimes:
                 fail(f"{op!r} (result {got!r} on both): " + "; ".join(mtimes))
     finally:
@@ -442,9 +534,10 @@ SETTINGS = dict(derandomize=True, database=None, deadline=None, phases=[Phase.ge
 
 
 def _model_test(make_mount, tmp_path, fs: dict, examples: int, steps: int, far: int, big: int) -> dict:
+    """Run `examples` hypothesis-chosen seeds of `steps` operations each on one mount configured with `fs`."""
     m = make_mount(fs=fs)
     bs = fs.get("block_size_kb", 4096) * KiB
-    stats: dict = {"ops": 0, "runs": 0}
+    stats: dict = {"ops": 0, "runs": 0, "seeds": []}
     local = tmp_path / "local"
     local.mkdir()
 
@@ -453,13 +546,19 @@ def _model_test(make_mount, tmp_path, fs: dict, examples: int, steps: int, far: 
     def run(seed: int) -> None:
         n = stats["runs"]
         stats["runs"] += 1
-        ops = gen_ops(seed, steps, bs, far, big)
+        stats["seeds"].append(seed)
+        lroot = local / f"model{n}"
+        ops = gen_ops(seed, steps, bs, far, big, lroot=lroot)
         before = stats["ops"]
-        run_ops(m, m.ws / f"model{n}", local / f"model{n}", ops, stats,
+        run_ops(m, m.ws / f"model{n}", lroot, ops, stats,
                 dump=tmp_path / f"failing-ops-{seed}.json", label=f"seed={seed} fs={fs}")
         assert stats["ops"] - before >= steps
 
     run()
+    # What the runs left behind must also be a consistent store.
+    m.umount()
+    r = m.cli("fsck")
+    assert r.returncode == 0, r.stdout + r.stderr
     return stats
 
 
@@ -473,6 +572,16 @@ def test_model_small_blocks(make_mount, tmp_path):
 
 def test_model_default_blocks(make_mount, tmp_path):
     """The default 4 MiB blocks: some writes span more than one block, far writes leave holes."""
-    stats = _model_test(make_mount, tmp_path, {}, examples=1, steps=300, far=12 * MiB, big=5 * MiB)
+    stats = _model_test(make_mount, tmp_path, {}, examples=1, steps=500, far=12 * MiB, big=5 * MiB)
     assert stats["runs"] == 1
-    assert stats["ops"] >= 300
+    assert stats["ops"] >= 500
+
+
+def test_model_eager_background(make_mount, tmp_path):
+    """Compaction at 2 slices, a 1 MiB write buffer, a snapshot every 40 records, immediate garbage
+    collection and no kernel attribute/entry caching: background work races the model's operations."""
+    fs = {"block_size_kb": 64, "chunk_size_mb": 1, "compact_slices": 2, "write_buffer_mb": 1,
+          "snapshot_records": 40, "gc_grace_s": 0, "attr_timeout_s": 0, "entry_timeout_s": 0}
+    stats = _model_test(make_mount, tmp_path, fs, examples=2, steps=1000, far=3 * MiB, big=200 * KiB)
+    assert stats["runs"] == 2
+    assert stats["ops"] >= 2000

@@ -73,7 +73,19 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._ref(await self.vfs.lookup(parent_inode, name))
+        try:
+            return self._ref(await self.vfs.lookup(parent_inode, name))
+        except FsError as e:
+            if e.errno != errno.ENOENT or parent_inode == pyfuse3.ROOT_INODE:
+                raise
+            # A negative entry (inode 0) lets the kernel cache "no such name" like any entry:
+            # the create that usually follows skips a round trip. Changes made through this
+            # mount update the kernel's dentry; the mount root is left uncached because
+            # workspaces also appear through the control socket.
+            e2 = pyfuse3.EntryAttributes()
+            e2.st_ino = 0
+            e2.entry_timeout = self.entry_timeout
+            return e2
 
     async def forget(self, inode_list):
         try:
