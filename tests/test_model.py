@@ -1,21 +1,34 @@
 """Model test: random operation sequences on the mount and on a local directory, side by side.
 
 Every operation runs twice: once in a fresh subdirectory of the agentmount
-workspace and once in a plain local (ext4/tmpfs) directory, which is the
-reference model. Each pair must give the same result (same return value, or
-the same errno). At checkpoints (every CHECK_EVERY steps, after every remount
-and at the end) the two trees must be identical: names, types, modes, nlink,
-sizes, file contents, symlink targets and hard-link groups.
+workspace and once in a plain local directory (the reference model). Each
+pair must give the same result: the same return value (byte counts, data
+read, stat fields, listings, link targets, xattrs, offsets), or the same
+errno. At checkpoints (every CHECK_EVERY steps, after every remount and at
+the end) the two trees must be identical: names, types, full modes, nlink,
+sizes, file contents (read with the mount's page cache dropped), symlink
+targets, xattrs and hard-link groups. After each write the mount's mtime
+must not have gone back. Timestamps are otherwise not compared, except the
+ones utime sets explicitly.
 
-The sequence is a pure function of a seed (`gen_ops`), so a failure is
-replayable with `run_ops` alone; hypothesis only picks the seeds
-(derandomized, no shrinking phase: a failing run prints the seed, the last
-operations and the path of a JSON file holding the whole sequence).
+Operations: open (O_CREAT, O_EXCL, O_TRUNC, O_APPEND, all access modes),
+close, pwrite/pread at random offsets (near block boundaries, far ones that
+leave holes, sizes spanning several blocks), write/read/lseek at the file
+position, ftruncate/truncate up and down, fsync, fstat, mmap writes, rename
+(plain, RENAME_NOREPLACE, RENAME_EXCHANGE; over files and directories, into
+subdirectories), link, unlink, mkdir, rmdir, rm -r, symlink, readlink,
+chmod, utime, stat/lstat, listdir, xattrs, and remount (about 1 step in 150).
+Open descriptors live in SLOTS slots across steps and are all closed before
+each remount.
 
 Names come from a small pool (a, b, c and a/x, a/y, b/x, b/y) so operations
-collide often; symlink targets are relative and never leave the tree. Open
-file descriptors live in a few slots across steps and are all closed before
-each remount.
+collide often; symlink targets are relative and never leave the tree. The
+sequence is a pure function of the seed and of the reference tree so far
+(`gen_ops` looks at it to prefer paths that exist, or that do not when
+creating), and the yielded operations are plain data: a failure writes the
+sequence to a JSON file which `run_ops` replays as a list. Hypothesis only
+picks the seeds (derandomized, no shrinking phase: a failure reports the
+seed, the last operations and that file).
 """
 from __future__ import annotations
 
@@ -189,7 +202,8 @@ def gen_ops(seed: int, n: int, bs: int, far: int, big: int, lroot: Path | None =
             elif kind == "rmdir":
                 yield ["rmdir", pk.existing("dir")]
             elif kind == "mmap_write":
-                yield ["mmap_write", slot, r.randrange(1 << 24), r.choice([1, 100, 5000, bs + 10]), r.randrange(1 << 30)]
+                yield ["mmap_write", slot, r.randrange(1 << 24), r.choice([1, 100, 5000, bs + 10]),
+                       r.randrange(1 << 30)]
             elif kind == "utime":
                 yield ["utime", pk.existing(), r.randrange(1 << 50), r.randrange(1 << 50), r.random() < 0.7]
             elif kind == "rmtree":

@@ -211,7 +211,10 @@ class Journal:
                 continue  # woken to stop, or a waiter found nothing left to write
             batch = self._pending
             self._pending = []
-            data = await trio.to_thread.run_sync(encode_segment, self.ws, self.epoch, batch)
+            if len(batch) <= 32 and sum(len(d) for r in batch for d in (r.get("inline") or {}).values()) <= 65536:
+                data = encode_segment(self.ws, self.epoch, batch)  # tens of microseconds: not worth a thread hop
+            else:
+                data = await trio.to_thread.run_sync(encode_segment, self.ws, self.epoch, batch)
             key = segment_key(self.ws, self.epoch, batch[0]["seq"])
             while True:
                 try:
