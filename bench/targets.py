@@ -103,7 +103,19 @@ class Target:
         pass
 
     def recover(self) -> bool:
-        return False
+        """An owned mount recovers from a hung step by being killed and mounted again."""
+        if not self.owned:
+            return False
+        self.abort()
+        try:
+            self.mount()
+            return True
+        except Exception as e:  # noqa: BLE001
+            log(f"  {self.name}: remount after failure failed: {e}")
+            return False
+
+    def mount(self) -> None:
+        pass
 
     def diagnostics(self, lines: int = 40) -> str:
         return tail(self.log_path, lines) if self.log_path else ""
@@ -244,15 +256,6 @@ class AgentmountTarget(Target):
         if is_mounted(self.mp):
             lazy_detach(self.mp)
 
-    def recover(self) -> bool:
-        self.abort()
-        try:
-            self.mount()
-            return True
-        except Exception as e:  # noqa: BLE001
-            log(f"  agentmount: remount after failure failed: {e}")
-            return False
-
     def teardown(self) -> None:
         if self.pid is None and is_mounted(self.mp):
             try:  # mounted by an `agentmount mount` that we were interrupted in
@@ -378,15 +381,6 @@ class JuiceFSTarget(Target):
         if is_mounted(self.mp):
             lazy_detach(self.mp)
         self.mounted = False
-
-    def recover(self) -> bool:
-        self.abort()
-        try:
-            self.mount()
-            return True
-        except Exception as e:  # noqa: BLE001
-            log(f"  juicefs: remount after failure failed: {e}")
-            return False
 
     def teardown(self) -> None:
         try:
