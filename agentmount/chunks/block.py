@@ -78,8 +78,11 @@ def encode(plain: bytes | bytearray | memoryview, level: int = 1) -> bytes:
     return header + bytes(payload)
 
 
-def decode(obj: bytes) -> bytes:
-    """Return the verified plain bytes of a block object or raise CorruptBlock."""
+def decode(obj: bytes) -> bytes | memoryview:
+    """Return the verified plain bytes of a block object or raise CorruptBlock.
+
+    A raw block comes back as a memoryview into `obj` (no copy of megabytes).
+    """
     if len(obj) < HEADER_SIZE:
         raise CorruptBlock("short block")
     magic, ver, codec, plain_len, digest = _HEADER.unpack_from(obj)
@@ -87,7 +90,7 @@ def decode(obj: bytes) -> bytes:
         raise CorruptBlock("bad block header")
     payload = memoryview(obj)[HEADER_SIZE:]
     if codec == CODEC_RAW:
-        plain = bytes(payload)
+        plain = payload
     elif codec == CODEC_ZSTD:
         try:
             plain = _decompressor().decompress(payload, max_output_size=plain_len)

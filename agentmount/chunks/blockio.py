@@ -66,7 +66,7 @@ class BlockIO:
                 self.bytes_uploaded += len(header) + len(payload)
             finally:
                 self.uploads_in_flight -= 1
-        self.mem.put(key, bytes(plain) if not isinstance(plain, bytes) else plain)
+        self.mem.put(key, plain)
         if not self.disk.disabled_reason:
             await self.disk.put(key, header + bytes(payload))
 

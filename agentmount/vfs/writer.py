@@ -173,7 +173,7 @@ class DirtyFile:
         if n == 0:
             return
         if n == len(p.buf):
-            data = bytes(p.buf)   # one copy; the buffer is then reused empty
+            data = p.buf   # handed over without a copy; never changed after this
             p.buf = bytearray()
         else:
             data = bytes(p.buf[:n])
