@@ -160,6 +160,7 @@ class Journal:
         self.error: str | None = None
         self.records_since_snapshot = 0
         self.segments_written = 0
+        self.put_seconds = 0.0       # time spent writing segments (for status)
         self.closed = False
 
     def append(self, rec: dict) -> int:
@@ -216,6 +217,7 @@ class Journal:
             else:
                 data = await trio.to_thread.run_sync(encode_segment, self.ws, self.epoch, batch)
             key = segment_key(self.ws, self.epoch, batch[0]["seq"])
+            started = trio.current_time()
             while True:
                 try:
                     with trio.fail_after(self.timeout):
@@ -229,6 +231,7 @@ class Journal:
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
             self.segments_written += 1
+            self.put_seconds += trio.current_time() - started
             self.durable_seq = batch[-1]["seq"]
             ev, self._progress = self._progress, trio.Event()
             ev.set()

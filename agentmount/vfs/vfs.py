@@ -40,7 +40,7 @@ MOUNT_ROOT = 1
 WS_SHIFT = 40
 LOCAL_MASK = (1 << WS_SHIFT) - 1
 PID_XATTR = b"user.agentmount.pid"
-INLINE_MAX = 64 << 10
+INLINE_MAX = 1 << 20
 
 
 @dataclass(slots=True)
@@ -500,6 +500,7 @@ class VFS:
                     delay = min(delay * 2, 10.0)
         finally:
             self.blockio.pinned.pop(key, None)
+            self.budget.release(len(data))
             ws.inline_pending.discard(key)
             if not ws.inline_pending:
                 ws.inline_idle.set()
@@ -687,6 +688,9 @@ class VFS:
             "workspaces": {
                 n: {"inodes": len(ws.meta.state.inodes), "seq": ws.meta.state.seq,
                     "durable_seq": ws.meta.journal.durable_seq, "epoch": ws.meta.journal.epoch,
+                    "journal_segments": ws.meta.journal.segments_written,
+                    "journal_put_ms_avg": round(1000 * ws.meta.journal.put_seconds
+                                                / max(1, ws.meta.journal.segments_written), 3),
                     "dirty_files": sum(1 for d in ws.dirty.values() if not d.empty),
                     "open_files": sum(ws.opens.values()), "journal_error": ws.meta.journal.error,
                     "compactions": ws.compactor.compactions if ws.compactor else 0,

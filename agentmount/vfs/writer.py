@@ -255,8 +255,9 @@ class DirtyFile:
 
     def committed(self, batch: list[PendingSlice]) -> None:
         for p in batch:
-            if p.buf:  # committed inline: the bytes now live in the journal and the pinned cache
-                self.budget.release(len(p.buf))
+            if p.buf:
+                # Committed inline: the bytes now live in the journal and the pinned cache; their
+                # share of the budget is released when their background upload lands.
                 p.buf = bytearray()
         ids = {id(p) for p in batch}
         self.slices = [p for p in self.slices if id(p) not in ids]
