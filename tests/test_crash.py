@@ -95,3 +95,20 @@ def test_small_file_block_lost_in_crash_is_restored_from_journal(make_mount):
     assert (m.ws / "small").read_bytes() == data
     r = m.cli("fsck")
     assert r.returncode == 0, r.stdout
+
+
+def test_corrupt_newest_snapshot_falls_back_to_older_one(make_mount):
+    m = make_mount(fs={"snapshot_records": 10})
+    for i in range(40):
+        (m.ws / f"f{i}").write_bytes(f"file {i}".encode() * 100)
+    m.umount()
+    snaps = sorted((m.store / "ws" / "default" / "snapshots").iterdir())
+    assert len(snaps) == 2, snaps
+    with open(snaps[-1], "r+b") as f:
+        f.seek(30)
+        f.write(b"\xff" * 8)
+    m.mount()
+    for i in range(40):
+        assert (m.ws / f"f{i}").read_bytes() == f"file {i}".encode() * 100
+    m.umount()
+    assert m.cli("fsck").returncode == 0

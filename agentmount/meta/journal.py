@@ -82,6 +82,7 @@ async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
     """Recover the state of `ws`: newest valid snapshot, then the journal after it."""
     state = fresh
     snap_seq = 0
+    snap_inline: dict[str, bytes] = {}
     snaps = sorted(((int(m.group(1)), k) for k in await store.list_keys(snapshot_prefix(ws))
                     if (m := _SNAP_RE.search(k))), reverse=True)
     for seq, key in snaps:
@@ -89,6 +90,7 @@ async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
             data = await store.get(key)
             obj = await trio.to_thread.run_sync(lambda: unpack(block.decode(data)))
             state = NamespaceState.from_obj(obj)
+            snap_inline = dict(obj.get("inline") or {})
             snap_seq = seq
             break
         except (block.CorruptBlock, NotFound, ValueError, KeyError) as e:
@@ -128,7 +130,7 @@ async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
             if prev is None or prev[0] < e:
                 records[s] = (e, rec)
     replayed = 0
-    inline: dict[str, bytes] = {}
+    inline: dict[str, bytes] = snap_inline
     for s in sorted(records):
         if s != state.seq + 1:
             raise RecoveryError(f"workspace {ws}: journal gap after seq {state.seq} (next is {s})")
@@ -243,8 +245,12 @@ class Journal:
         self._wake.set()
 
 
-async def write_snapshot(store: ObjectStore, state: NamespaceState) -> str:
+async def write_snapshot(store: ObjectStore, state: NamespaceState,
+                         inline: dict[str, bytes] | None = None) -> str:
+    """Write the state (and inline-committed blocks not yet durable as objects) as a snapshot."""
     obj = state.to_obj()
+    if inline:
+        obj["inline"] = inline
     data = await trio.to_thread.run_sync(lambda: block.encode(pack(obj), 1))
     key = snapshot_key(state.ws, state.seq)
     await store.put(key, data)
@@ -252,24 +258,28 @@ async def write_snapshot(store: ObjectStore, state: NamespaceState) -> str:
 
 
 async def prune(store: ObjectStore, ws: str, snapshot_seq: int, keep_snapshots: int = 2) -> int:
-    """Delete segments wholly covered by the snapshot at `snapshot_seq`, and older snapshots."""
+    """Delete snapshots beyond the newest `keep_snapshots`, and the journal segments wholly
+    covered by the oldest snapshot kept (so falling back to it still finds its records)."""
     removed = 0
+    snaps = sorted((int(m.group(1)), k) for k in await store.list_keys(snapshot_prefix(ws))
+                   if (m := _SNAP_RE.search(k)))
+    for _, k in snaps[:-keep_snapshots]:
+        await store.delete(k)
+        removed += 1
+    kept = [s for s, _ in snaps[-keep_snapshots:]]
+    cutoff = min(kept) if kept else 0
     segs = []
     for k in await store.list_keys(journal_prefix(ws)):
         m = _SEG_RE.search(k)
         if m:
             segs.append((int(m.group(2)), k))
     segs.sort()
-    # A segment is covered when the next one starts at or before snapshot_seq + 1.
+    # A segment is covered when the next one starts at or before cutoff + 1.
     for i, (first, key) in enumerate(segs):
         nxt = segs[i + 1][0] if i + 1 < len(segs) else None
-        if nxt is not None and nxt <= snapshot_seq + 1:
+        if nxt is not None and nxt <= cutoff + 1:
             await store.delete(key)
             removed += 1
-    snaps = sorted(k for k in await store.list_keys(snapshot_prefix(ws)) if _SNAP_RE.search(k))
-    for k in snaps[:-keep_snapshots]:
-        await store.delete(k)
-        removed += 1
     return removed
 
 

@@ -119,9 +119,9 @@ class LocalNamespace(NamespaceService):
         self._snapshot_lock = trio.Lock()
         self.blocks_deleted = 0
         self.on_gc: Callable[[str], object] | None = None
-        # Awaited before a snapshot: blocks committed inline must be stored before the
-        # journal segments carrying them can be pruned.
-        self.before_snapshot: Callable[[], Awaitable[None]] | None = None
+        # Awaited before a snapshot: returns the inline-committed blocks (key -> bytes) not yet
+        # durable as objects, which the snapshot carries since it lets their segments go.
+        self.before_snapshot: Callable[[], Awaitable[dict[str, bytes]]] | None = None
 
     # -- helpers -----------------------------------------------------------------------
     def _node(self, ino: int) -> Inode:
@@ -360,11 +360,10 @@ class LocalNamespace(NamespaceService):
     async def snapshot(self) -> None:
         """Write a snapshot of the current state, then prune covered journal segments."""
         async with self._snapshot_lock:
-            if self.before_snapshot is not None:
-                await self.before_snapshot()
+            carried = await self.before_snapshot() if self.before_snapshot is not None else {}
             self.journal.records_since_snapshot = 0
             seq = self.state.seq
-            await jr.write_snapshot(self.store, self.state)
+            await jr.write_snapshot(self.store, self.state, carried)
             await self.journal.wait_durable(seq)
             await jr.prune(self.store, self.ws, seq)
 

@@ -224,12 +224,20 @@ class VFS:
                 await self._commit(ws, ino, d, durable=False)
             except FsError as e:
                 log.error("workspace %s inode %d: unflushed data lost: %s", ws.name, ino, e)
+                ws.dirty.pop(ino, None)
+                self._discard(ws, d)
         if final:
             # The kernel sends no forgets at unmount: unlinked inodes it still knew are orphans now.
             for node in [n for n in ws.meta.state.inodes.values() if n.nlink == 0]:
                 await ws.meta.free(node.ino)
         await ws.meta.journal.close()
         if final:
+            # Let background block uploads land (bounded: a dead store must not hang unmount;
+            # whatever is left is carried by the snapshot).
+            with trio.move_on_after(self.cfg.fs.store_timeout_s):
+                while ws.inline_pending:
+                    ws.inline_idle = trio.Event()
+                    await ws.inline_idle.wait()
             await ws.meta.snapshot()
             await ws.meta.collect_garbage(force=True)
         if ws.cancel is not None:
@@ -348,7 +356,7 @@ class VFS:
         if node.nlink == 0 and not ws.in_use(node.ino):
             d = ws.dirty.pop(node.ino, None)
             if d is not None:
-                d.drop_all()
+                self._discard(ws, d)
 
     async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, flags: int) -> None:
         if sp == MOUNT_ROOT or dp == MOUNT_ROOT:
@@ -458,32 +466,43 @@ class VFS:
         return len(data)
 
     async def _commit(self, ws: Workspace, ino: int, d: DirtyFile, durable: bool) -> None:
+        seq: int | None = None
         async with d.lock:
-            if d.empty:
-                return
-            batch = await d.collect(self.inline_max)
-            slices = [(p.chunk, p.as_slice()) for p in batch]
-            cs = ws.meta.chunk_size
-            end = max(p.chunk * cs + p.end for p in batch)
-            inline = {p.sid: bytes(p.buf) for p in batch if p.buf}
-            seq = await ws.meta.commit_write(ino, slices, end, d.mtime, inline)
-            for sid, data in inline.items():
-                self._store_inline(ws, block_key(ws.name, sid, 0), data)
-            d.committed(batch)
-            assert ws.compactor is not None
-            node = ws.meta.state.inodes.get(ino)
-            if node is not None:
-                for idx in {p.chunk for p in batch}:
-                    ws.compactor.consider(ino, idx, len(node.chunks.get(idx, ())))
+            # Another task may have committed these bytes while we waited for the lock;
+            # a durable caller then still waits for the journal below.
+            if not d.empty:
+                seq = await self._commit_locked(ws, ino, d)
         if durable:
             await ws.meta.sync(seq)
 
-    def _store_inline(self, ws: Workspace, key: str, data: bytes) -> None:
-        """Serve `key` from memory and store it in the background (it is durable in the journal)."""
-        self.blockio.pinned[key] = data
-        ws.inline_pending.add(key)
+    async def _commit_locked(self, ws: Workspace, ino: int, d: DirtyFile) -> int:
+        batch = await d.collect(self.inline_max)
+        slices = [(p.chunk, p.as_slice()) for p in batch]
+        cs = ws.meta.chunk_size
+        end = max(p.chunk * cs + p.end for p in batch)
+        inline = {p.sid: bytes(p.buf) for p in batch if p.buf}
+        keys = {block_key(ws.name, sid, 0): data for sid, data in inline.items()}
+        # Pinned before the record exists, so a snapshot taken at any point sees them.
+        for key, data in keys.items():
+            self.blockio.pinned[key] = data
+            ws.inline_pending.add(key)
+        try:
+            seq = await ws.meta.commit_write(ino, slices, end, d.mtime, inline)
+        except BaseException:
+            for key in keys:
+                self.blockio.pinned.pop(key, None)
+                ws.inline_pending.discard(key)
+            raise
         assert ws.nursery is not None
-        ws.nursery.start_soon(self._upload_inline, ws, key, data)
+        for key, data in keys.items():
+            ws.nursery.start_soon(self._upload_inline, ws, key, data)
+        d.committed(batch)
+        assert ws.compactor is not None
+        node = ws.meta.state.inodes.get(ino)
+        if node is not None:
+            for idx in {p.chunk for p in batch}:
+                ws.compactor.consider(ino, idx, len(node.chunks.get(idx, ())))
+        return seq
 
     async def _upload_inline(self, ws: Workspace, key: str, data: bytes) -> None:
         delay = 0.1
@@ -505,11 +524,15 @@ class VFS:
             if not ws.inline_pending:
                 ws.inline_idle.set()
 
-    async def _inline_barrier(self, ws: Workspace) -> None:
-        while ws.inline_pending:
-            ws.inline_idle = trio.Event()
-            await ws.inline_idle.wait()
+    async def _inline_barrier(self, ws: Workspace) -> dict[str, bytes]:
+        """Before a snapshot: sync the store, and return the inline-committed blocks that may
+        not be durable yet, for the snapshot to carry (the journal segments holding them are
+        pruned once it is written). Never waits for uploads, so a dead store cannot block it."""
+        carried = {k: self.blockio.pinned[k] for k in ws.inline_pending if k in self.blockio.pinned}
         await self.store.barrier()
+        # Uploads finished before the barrier began are synced by it; every other one is carried.
+        carried.update({k: self.blockio.pinned[k] for k in ws.inline_pending if k in self.blockio.pinned})
+        return carried
 
     async def flush(self, fh: int) -> None:
         h = self.files.get(fh)

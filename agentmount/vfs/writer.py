@@ -63,7 +63,7 @@ class PendingSlice:
     """Buffered bytes of one slice. `buf` holds stored bytes [base, base+len(buf))."""
 
     __slots__ = ("chunk", "pos", "sid", "bsize", "buf", "base", "inflight", "uploading", "sealed", "error",
-                 "done", "unbudgeted")
+                 "done", "unbudgeted", "inline")
 
     def __init__(self, chunk: int, pos: int, bsize: int) -> None:
         self.chunk = chunk
@@ -79,6 +79,7 @@ class PendingSlice:
         self.done = trio.Event()
         self.done.set()
         self.unbudgeted: set[int] = set()     # failed blocks whose bytes no longer count in the budget
+        self.inline = False                   # kept in memory to be committed inline, never uploaded here
 
     @property
     def length(self) -> int:
@@ -95,7 +96,10 @@ class PendingSlice:
     def read_stored(self, off: int, n: int) -> bytes | None:
         """Bytes [off, off+n) of the stored data if buffered in memory, else None."""
         if off >= self.base:
-            return bytes(self.buf[off - self.base: off - self.base + n])
+            rel = off - self.base
+            if rel + n > len(self.buf):
+                return None  # committed inline meanwhile: the pinned block serves it
+            return bytes(self.buf[rel:rel + n])
         bi = off // self.bsize
         data = self.inflight.get(bi)
         if data is not None and off + n <= (bi + 1) * self.bsize:
@@ -221,10 +225,8 @@ class DirtyFile:
             if not p.sealed:
                 p.sealed = True
                 if inline_max and p.base == 0 and len(p.buf) <= inline_max:
+                    p.inline = True
                     continue
-                while p.buf:
-                    self._start_upload(p, final=True)
-            elif p.buf and not inline_max:
                 while p.buf:
                     self._start_upload(p, final=True)
 
@@ -266,7 +268,7 @@ class DirtyFile:
         """Keys of blocks already stored for the pending slices (garbage if they are dropped)."""
         keys = []
         for p in self.slices:
-            for bi in range(p.base // self.bsize):
+            for bi in range((p.base + self.bsize - 1) // self.bsize):
                 if bi not in p.inflight:
                     keys.append(block_key(self.ws, p.sid, bi))
         return keys
