@@ -39,10 +39,51 @@ def check_name(name: bytes) -> None:
 
 
 class NamespaceService(abc.ABC):
-    """Metadata operations of one workspace (local inode numbers)."""
+    """Metadata operations of one workspace (local inode numbers).
+
+    The async methods may be remote calls (a leader on another peer); the plain methods
+    answer from what this peer already holds (its attribute and entry cache) and never
+    block, which is what per-entry hot paths such as readdir use.
+    """
 
     ws: str
     chunk_size: int
+    # Hooks the VFS sets: called with each block key the collector deletes (to drop cached
+    # copies), and awaited before a snapshot for inline blocks it must carry.
+    on_gc: Callable[[str], object] | None = None
+    before_snapshot: Callable[[], Awaitable[dict[str, bytes]]] | None = None
+
+    @abc.abstractmethod
+    def cached(self, ino: int) -> Inode | None:
+        """The inode as known here, without a round trip (None when unknown)."""
+
+    @abc.abstractmethod
+    def cached_entry(self, parent: int, name: bytes) -> int | None:
+        """The inode an entry names, as known here (None when unknown or absent)."""
+
+    @abc.abstractmethod
+    def orphans(self) -> list[int]:
+        """Inodes unlinked but not yet freed."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict:
+        """Figures for `agentmount status`."""
+
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """Background work (group commit, garbage collection) until cancelled or closed."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Make everything durable and stop accepting changes."""
+
+    @abc.abstractmethod
+    async def snapshot(self) -> None:
+        """Write a snapshot of the namespace."""
+
+    @abc.abstractmethod
+    async def collect_garbage(self, *, force: bool = False) -> int:
+        """Delete blocks of dropped slices that are safe to delete."""
 
     @abc.abstractmethod
     async def lookup(self, parent: int, name: bytes) -> Inode: ...
@@ -148,6 +189,31 @@ class LocalNamespace(NamespaceService):
         return seq
 
     # -- queries -----------------------------------------------------------------------
+    def cached(self, ino: int) -> Inode | None:
+        return self.state.inodes.get(ino)
+
+    def cached_entry(self, parent: int, name: bytes) -> int | None:
+        d = self.state.dirs.get(parent)
+        return None if d is None else d.get(name)
+
+    def orphans(self) -> list[int]:
+        return [n.ino for n in self.state.inodes.values() if n.nlink == 0]
+
+    def stats(self) -> dict:
+        j = self.journal
+        return {"inodes": len(self.state.inodes), "seq": self.state.seq, "durable_seq": j.durable_seq,
+                "epoch": j.epoch, "journal_segments": j.segments_written,
+                "journal_put_ms_avg": round(1000 * j.put_seconds / max(1, j.segments_written), 3),
+                "journal_error": j.error, "blocks_deleted": self.blocks_deleted}
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(self.journal.run)
+            n.start_soon(self.run_gc)
+
+    async def close(self) -> None:
+        await self.journal.close()
+
     async def lookup(self, parent: int, name: bytes) -> Inode:
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)

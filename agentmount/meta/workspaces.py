@@ -9,11 +9,17 @@ from __future__ import annotations
 import errno
 import time
 
+from typing import TYPE_CHECKING
+
 from agentmount.config import WORKSPACE_NAME_RE
 from agentmount.errors import FsError
 from agentmount.meta import journal as jr
 from agentmount.meta.state import NamespaceState
 from backend.store import AlreadyExists, NotFound, ObjectStore
+
+if TYPE_CHECKING:
+    from agentmount.config import Config
+    from agentmount.meta.service import LocalNamespace
 
 REGISTRY = "workspaces/"
 
@@ -64,3 +70,14 @@ def fresh_state(name: str, info: dict, chunk_size: int) -> NamespaceState:
 async def recover(store: ObjectStore, name: str, info: dict, chunk_size: int) -> jr.Loaded:
     loaded = await jr.load(store, name, fresh_state(name, info, chunk_size))
     return loaded
+
+
+async def open_local(store: ObjectStore, name: str, info: dict, cfg: "Config") -> tuple["LocalNamespace", jr.Loaded]:
+    """Recover `name` and serve it from this process, in a new epoch."""
+    from agentmount.meta.service import LocalNamespace
+    loaded = await recover(store, name, info, cfg.chunk_size)
+    journal = jr.Journal(store, name, loaded.epoch + 1, loaded.state.seq, window=cfg.fs.commit_window_ms / 1000,
+                         timeout=cfg.fs.store_timeout_s)
+    meta = LocalNamespace(store, loaded.state, journal, snapshot_records=cfg.fs.snapshot_records,
+                          gc_grace=cfg.fs.gc_grace_s)
+    return meta, loaded

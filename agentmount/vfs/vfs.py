@@ -25,9 +25,8 @@ from agentmount.chunks.blockio import BlockIO
 from agentmount.chunks.layout import block_key
 from agentmount.config import Config
 from agentmount.errors import FsError
-from agentmount.meta import journal as jr
 from agentmount.meta import workspaces as wsreg
-from agentmount.meta.service import LocalNamespace, check_name
+from agentmount.meta.service import NamespaceService, check_name
 from agentmount.meta.state import ROOT_INO, Inode
 from agentmount.vfs.compactor import Compactor
 from agentmount.vfs.reader import Reader
@@ -61,7 +60,7 @@ class Attr:
 class Workspace:
     """A mounted workspace: its namespace service, buffers, reader and background tasks."""
 
-    def __init__(self, name: str, index: int, meta: LocalNamespace, info: dict) -> None:
+    def __init__(self, name: str, index: int, meta: NamespaceService, info: dict) -> None:
         self.name = name
         self.index = index
         self.meta = meta
@@ -144,12 +143,7 @@ class VFS:
             await self._open_ws(name, known[name])
 
     async def _open_ws(self, name: str, info: dict) -> Workspace:
-        loaded = await wsreg.recover(self.store, name, info, self.cfg.chunk_size)
-        epoch = loaded.epoch + 1
-        journal = jr.Journal(self.store, name, epoch, loaded.state.seq,
-                             window=self.cfg.fs.commit_window_ms / 1000, timeout=self.cfg.fs.store_timeout_s)
-        meta = LocalNamespace(self.store, loaded.state, journal, snapshot_records=self.cfg.fs.snapshot_records,
-                              gc_grace=self.cfg.fs.gc_grace_s)
+        meta, loaded = await wsreg.open_local(self.store, name, info, self.cfg)
         meta.on_gc = self._on_gc
         ws = Workspace(name, self._next_index, meta, info)
         self._next_index += 1
@@ -157,18 +151,18 @@ class VFS:
         await self.nursery.start(self._run_ws, ws)
         if loaded.inline:
             # Blocks committed inline whose upload a crash cut short: store them from the journal.
-            live = meta.referenced_sids()
+            live = {s.sid for s in loaded.state.all_slices()}
             for key, data in loaded.inline.items():
                 sid = key.rsplit("/", 1)[1].rsplit("_", 1)[0]
                 if sid in live and not await self._block_ok(key):
                     await self.blockio.put(key, data)
         # Inodes left unlinked-but-open by a crash are orphans now: free them.
-        for node in [n for n in loaded.state.inodes.values() if n.nlink == 0]:
-            await meta.free(node.ino)
+        for ino in meta.orphans():
+            await meta.free(ino)
         self.workspaces[name] = ws
         self.by_index[ws.index] = ws
         log.info("workspace %s: snapshot %d + %d records replayed, epoch %d", name, loaded.snapshot_seq,
-                 loaded.replayed, epoch)
+                 loaded.replayed, meta.stats()["epoch"])
         return ws
 
     async def _block_ok(self, key: str) -> bool:
@@ -187,8 +181,7 @@ class VFS:
                 ws.reader = Reader(ws.name, ws.meta, self.blockio, self.bsize, self.cfg.fs.readahead_blocks, n)
                 ws.compactor = Compactor(ws.meta, self.blockio, ws.reader._stored, self.bsize,
                                          self.cfg.fs.compact_slices)
-                n.start_soon(ws.meta.journal.run)
-                n.start_soon(ws.meta.run_gc)
+                n.start_soon(ws.meta.run)
                 n.start_soon(ws.compactor.run)
                 task_status.started()
 
@@ -209,7 +202,7 @@ class VFS:
             ws = self.workspaces.get(name)
             if ws is None:
                 raise FsError(errno.ENOENT)
-            if not force and ws.meta.state.dirs[ROOT_INO]:
+            if not force and len(await ws.meta.readdir(ROOT_INO)) > 2:
                 raise FsError(errno.ENOTEMPTY)
             if any(ws.opens.values()):
                 raise FsError(errno.EBUSY)
@@ -228,9 +221,9 @@ class VFS:
                 self._discard(ws, d)
         if final:
             # The kernel sends no forgets at unmount: unlinked inodes it still knew are orphans now.
-            for node in [n for n in ws.meta.state.inodes.values() if n.nlink == 0]:
-                await ws.meta.free(node.ino)
-        await ws.meta.journal.close()
+            for ino in ws.meta.orphans():
+                await ws.meta.free(ino)
+        await ws.meta.close()
         if final:
             # Let background block uploads land (bounded: a dead store must not hang unmount;
             # whatever is left is carried by the snapshot).
@@ -498,7 +491,7 @@ class VFS:
             ws.nursery.start_soon(self._upload_inline, ws, key, data)
         d.committed(batch)
         assert ws.compactor is not None
-        node = ws.meta.state.inodes.get(ino)
+        node = ws.meta.cached(ino)
         if node is not None:
             for idx in {p.chunk for p in batch}:
                 ws.compactor.consider(ino, idx, len(node.chunks.get(idx, ())))
@@ -587,7 +580,7 @@ class VFS:
 
     async def _free_orphan(self, ws: Workspace, ino: int) -> None:
         """Free `ino` if no entry names it any more (its last user is gone)."""
-        node = ws.meta.state.inodes.get(ino)
+        node = ws.meta.cached(ino)
         if node is not None and node.nlink == 0:
             d = ws.dirty.pop(ino, None)
             if d is not None:
@@ -662,20 +655,21 @@ class VFS:
                 ws = self.by_index.get(idx)
                 if ws is None:
                     continue
-                out.append((name, self._attr(ws, ws.meta.state.inodes[ROOT_INO]), i + 1))
+                node = ws.meta.cached(ROOT_INO)
+                if node is not None:
+                    out.append((name, self._attr(ws, node), i + 1))
             return out
         ws = h.ws
-        state = ws.meta.state
-        cur = state.dirs.get(h.ino, {})
+        meta = ws.meta
         for i in range(off, len(ents)):
             name, ino = ents[i]
             if name == b"..":
                 if h.ino == ROOT_INO:
                     out.append((name, self.root_attr(), i + 1))
                     continue
-            elif name != b"." and cur.get(name) != ino:
+            elif name != b"." and meta.cached_entry(h.ino, name) != ino:
                 continue  # removed since the snapshot
-            node = state.inodes.get(ino)
+            node = meta.cached(ino)
             if node is None:
                 continue
             out.append((name, self._attr(ws, node), i + 1))
@@ -690,7 +684,7 @@ class VFS:
             await h.ws.meta.sync()
 
     async def statfs(self) -> dict:
-        total_inodes = sum(len(ws.meta.state.inodes) for ws in self.workspaces.values())
+        total_inodes = sum(ws.meta.stats()["inodes"] for ws in self.workspaces.values())
         root = getattr(self.store, "root", None)
         try:
             sv = await trio.to_thread.run_sync(os.statvfs, root) if root else None
@@ -709,15 +703,10 @@ class VFS:
         return {
             "pid": os.getpid(),
             "workspaces": {
-                n: {"inodes": len(ws.meta.state.inodes), "seq": ws.meta.state.seq,
-                    "durable_seq": ws.meta.journal.durable_seq, "epoch": ws.meta.journal.epoch,
-                    "journal_segments": ws.meta.journal.segments_written,
-                    "journal_put_ms_avg": round(1000 * ws.meta.journal.put_seconds
-                                                / max(1, ws.meta.journal.segments_written), 3),
+                n: {**ws.meta.stats(),
                     "dirty_files": sum(1 for d in ws.dirty.values() if not d.empty),
-                    "open_files": sum(ws.opens.values()), "journal_error": ws.meta.journal.error,
-                    "compactions": ws.compactor.compactions if ws.compactor else 0,
-                    "blocks_deleted": ws.meta.blocks_deleted}
+                    "open_files": sum(ws.opens.values()),
+                    "compactions": ws.compactor.compactions if ws.compactor else 0}
                 for n, ws in self.workspaces.items()},
             "write_buffer_bytes": self.budget.used,
             "write_calls": self.write_calls,
