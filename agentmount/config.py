@@ -239,3 +239,24 @@ def load(path: str | None) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8") from None
     return parse(text, os.path.abspath(path))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def render_local(*, name: str, data_dir: str, store: str, cache_dir: str, workspaces: tuple[str, ...] = ("default",),
+                 cache: dict | None = None, fs: dict | None = None, extra: str = "") -> str:
+    """mount.conf text for a single peer over one local store (used by tests and the benchmark)."""
+    lines = ["[node]", f"name = {_toml_value(name)}", f"data_dir = {_toml_value(data_dir)}", "",
+             "[[store]]", 'name = "local"', 'kind = "local"', f"path = {_toml_value(store)}", "",
+             "[cache]", f"dir = {_toml_value(cache_dir)}"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in (cache or {}).items()]
+    lines += ["", "[fs]"] + [f"{k} = {_toml_value(v)}" for k, v in (fs or {}).items()]
+    for w in workspaces:
+        lines += ["", "[[workspace]]", f"name = {_toml_value(w)}"]
+    return "\n".join(lines) + "\n" + (extra + "\n" if extra else "")

@@ -12,9 +12,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
+
+from agentmount.config import render_local
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -189,25 +190,8 @@ class AgentmountTarget(Target):
 
     def setup(self) -> None:
         self.mp.mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(textwrap.dedent(f"""\
-            # written by bench/run.py: one local store, [fs] defaults
-            [node]
-            name = "bench"
-            data_dir = "{self.data}"
-
-            [[store]]
-            name = "local"
-            kind = "local"
-            path = "{self.store}"
-
-            [cache]
-            dir = "{self.cache}"
-
-            [fs]
-
-            [[workspace]]
-            name = "default"
-            """))
+        self.conf.write_text("# written by bench/run.py: one local store, [fs] defaults\n" + render_local(
+            name="bench", data_dir=str(self.data), store=str(self.store), cache_dir=str(self.cache)))
         self.mount()
 
     def mount(self) -> None:

@@ -6,9 +6,10 @@ import pickle
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
+
+from agentmount.config import render_local
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -50,30 +51,9 @@ class Mount:
         self.store = store or (root / "store")
         self.data = root / "data"
         self.conf = root / "mount.conf"
-        fs_lines = "\n".join(f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {str(v).lower() if isinstance(v, bool) else v}"
-                             for k, v in (fs or {}).items())
-        ws_lines = "\n".join(f'[[workspace]]\nname = "{w}"\n' for w in workspaces)
-        self.conf.write_text(textwrap.dedent(f"""\
-            [node]
-            name = "test"
-            data_dir = "{self.data}"
-
-            [[store]]
-            name = "local"
-            kind = "local"
-            path = "{self.store}"
-
-            [cache]
-            dir = "{root / 'cache'}"
-            size_mb = 256
-            memory_mb = 128
-
-            [fs]
-            {fs_lines}
-
-            {ws_lines}
-            {extra}
-            """))
+        self.conf.write_text(render_local(name="test", data_dir=str(self.data), store=str(self.store),
+                                          cache_dir=str(root / "cache"), workspaces=tuple(workspaces),
+                                          cache={"size_mb": 256, "memory_mb": 128}, fs=fs, extra=extra))
         self.pid: int | None = None
 
     @property
