@@ -86,6 +86,10 @@ class NamespaceService(abc.ABC):
         """Delete blocks of dropped slices that are safe to delete."""
 
     @abc.abstractmethod
+    def referenced_sids(self) -> set[str]:
+        """Ids of every slice the namespace references."""
+
+    @abc.abstractmethod
     async def lookup(self, parent: int, name: bytes) -> Inode: ...
 
     @abc.abstractmethod

@@ -73,6 +73,7 @@ class Compactor:
         self._queue: set[tuple[int, int]] = set()
         self._wake = trio.Event()
         self.compactions = 0
+        self.inflight: set[str] = set()   # ids being written, not yet committed (the sweep spares them)
 
     def consider(self, ino: int, chunk: int, nslices: int) -> None:
         if nslices >= self.threshold:
@@ -113,16 +114,23 @@ class Compactor:
         if not windows and len(old) < 8 * self.threshold:
             return False  # scattered slices, few per window: reads are still cheap
         new: list[Slice] = []
-        for a, b, _ in windows:
-            data = await self._read(old, a, b)
-            sid = new_sid()
-            for bi in range(0, (len(data) + self.bsize - 1) // self.bsize):
-                await self.blockio.put(block_key(self.meta.ws, sid, bi), data[bi * self.bsize:(bi + 1) * self.bsize])
-            new.append(Slice(sid, len(data), self.bsize, a, 0, len(data)))
-        drop = hidden_slices(old + new)
-        drop = [s for s in drop if s not in new]
-        if not new and not drop:
-            return False
-        await self.meta.compact(ino, chunk, old, new, drop)
+        started: list[str] = []
+        try:
+            for a, b, _ in windows:
+                data = await self._read(old, a, b)
+                sid = new_sid()
+                started.append(sid)
+                self.inflight.add(sid)
+                for bi in range(0, (len(data) + self.bsize - 1) // self.bsize):
+                    await self.blockio.put(block_key(self.meta.ws, sid, bi),
+                                           data[bi * self.bsize:(bi + 1) * self.bsize])
+                new.append(Slice(sid, len(data), self.bsize, a, 0, len(data)))
+            drop = hidden_slices(old + new)
+            drop = [s for s in drop if s not in new]
+            if not new and not drop:
+                return False
+            await self.meta.compact(ino, chunk, old, new, drop)
+        finally:
+            self.inflight.difference_update(started)
         self.compactions += 1
         return True
