@@ -188,7 +188,9 @@ class LocalStore(ObjectStore):
         return out
 
     async def _run(self, fn, *args):
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        # Abandon on cancel: a disk that hangs must not hang the caller past its timeout.
+        # Puts stay safe to abandon: they are atomic and idempotent per key.
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=True)
 
     # -- ObjectStore ---------------------------------------------------------------
     async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:

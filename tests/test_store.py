@@ -1,0 +1,49 @@
+"""LocalStore: the ObjectStore contract on a real directory."""
+import time
+
+import pytest
+import trio
+
+from backend.local import LocalStore
+from backend.store import AlreadyExists, NotFound, StoreError
+
+
+async def test_local_store_contract(tmp_path):
+    s = LocalStore(str(tmp_path / "store"))
+    await s.check()
+    await s.put("ws/a/blocks/x1", b"hello world")
+    await s.put("ws/a/blocks/x0", [b"hel", bytearray(b"lo"), memoryview(b" there")])
+    assert await s.get("ws/a/blocks/x0") == b"hello there"
+    assert await s.get("ws/a/blocks/x1", 6, 11) == b"world"
+    assert await s.get("ws/a/blocks/x1", 6) == b"world"
+    with pytest.raises(AlreadyExists):
+        await s.put("ws/a/blocks/x1", b"other", create_only=True)
+    assert await s.get("ws/a/blocks/x1") == b"hello world"
+    await s.put("ws/a/blocks/x1", b"replaced")
+    assert await s.get("ws/a/blocks/x1") == b"replaced"
+    await s.put("ws/b/journal/1", b"j")
+    assert await s.list_keys("ws/a/") == ["ws/a/blocks/x0", "ws/a/blocks/x1"]
+    assert await s.list_keys("ws/") == ["ws/a/blocks/x0", "ws/a/blocks/x1", "ws/b/journal/1"]
+    assert (await s.head("ws/b/journal/1")).size == 1
+    assert await s.head("nope") is None
+    with pytest.raises(NotFound):
+        await s.get("nope")
+    await s.delete("ws/b/journal/1")
+    await s.delete("ws/b/journal/1")
+    assert await s.list_keys("ws/b/") == []
+    for bad in ("", "/abs", "a/../b"):
+        with pytest.raises(StoreError):
+            await s.put(bad, b"x")
+    await s.barrier()
+
+
+async def test_a_hung_disk_does_not_hang_the_caller(tmp_path):
+    s = LocalStore(str(tmp_path / "store"))
+    await s.put("k/v", b"x")
+    real = s._get_sync
+    s._get_sync = lambda *a: (time.sleep(2), real(*a))[1]  # a disk that stalls
+    t = time.monotonic()
+    with pytest.raises(trio.TooSlowError):
+        with trio.fail_after(0.3):
+            await s.get("k/v")
+    assert time.monotonic() - t < 1.5
