@@ -1,3 +1,4 @@
+"""`python -m agentmount`: the command line."""
 import sys
 
 from agentmount.cli import main
