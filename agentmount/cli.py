@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import trio
 
 from agentmount import config as config_mod
-from agentmount import control
+from agentmount import control, procs
 from agentmount.errors import ConfigError, FsError, MountError
 
 
@@ -37,21 +36,6 @@ def _mount_pid(mp: str) -> int | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie has exited already.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def cmd_umount(args) -> int:
     mp = os.path.abspath(args.mountpoint)
     try:
@@ -69,12 +53,8 @@ def cmd_umount(args) -> int:
     r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if r.returncode != 0:
         raise MountError(f"cannot unmount {mp}: {r.stderr.strip() or 'fusermount3 failed'}")
-    if pid is not None:
-        deadline = time.monotonic() + args.timeout
-        while _pid_alive(pid):
-            if time.monotonic() > deadline:
-                raise MountError(f"the peer (pid {pid}) has not finished committing after {args.timeout:.0f}s")
-            time.sleep(0.05)
+    if pid is not None and not procs.wait_exit(pid, args.timeout):
+        raise MountError(f"the peer (pid {pid}) has not finished committing after {args.timeout:.0f}s")
     return 0
 
 

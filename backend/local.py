@@ -27,6 +27,15 @@ except OSError:  # pragma: no cover - libc is always there on Linux
 _TRANSIENT = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EROFS, errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
 
 
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _classify(e: OSError, key: str) -> StoreError:
     if e.errno == errno.ENOENT:
         return NotFound(key)
@@ -65,16 +74,8 @@ class LocalStore(ObjectStore):
             except FileExistsError:
                 pass
             if self.fsync:
-                self._fsync_dir(os.path.dirname(m))
+                fsync_dir(os.path.dirname(m))
         self._known_dirs.add(d)
-
-    @staticmethod
-    def _fsync_dir(d: str) -> None:
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _put_sync(self, key: str, data, create_only: bool, sync: bool = True) -> None:
         path = self._path(key)
@@ -115,7 +116,7 @@ class LocalStore(ObjectStore):
                     os.unlink(tmp)
                 raise
             if self.fsync and sync:
-                self._fsync_dir(d)
+                fsync_dir(d)
         except OSError as e:
             if e.errno == errno.ENOENT:
                 self._known_dirs.discard(d)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from agentmount.config import render_local
+from agentmount.procs import wait_exit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,14 +56,6 @@ def is_mounted(mp: Path) -> bool:
         return os.path.ismount(mp)
     except OSError:
         return True  # ENOTCONN and the like: a dead mount is still attached
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -233,9 +226,7 @@ class AgentmountTarget(Target):
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            deadline = time.monotonic() + 30
-            while pid_alive(self.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_exit(self.pid, 30)
             self.pid = None
         if is_mounted(self.mp):
             lazy_detach(self.mp)
@@ -345,8 +336,8 @@ class JuiceFSTarget(Target):
         if r.returncode != 0:
             raise RuntimeError(f"juicefs umount failed: {r.stderr.strip()[-2000:]}")
         deadline = time.monotonic() + 60
-        while self._pids() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        for pid in self._pids():
+            wait_exit(pid, max(0.0, deadline - time.monotonic()))
         self.mounted = False
 
     def drop_caches(self) -> str:

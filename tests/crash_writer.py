@@ -10,6 +10,8 @@ import os
 import random
 import sys
 
+from backend.local import fsync_dir
+
 
 def content(name: str, size: int) -> bytes:
     seed = hashlib.sha256(name.encode()).digest()
@@ -18,14 +20,6 @@ def content(name: str, size: int) -> bytes:
         # Mostly compressible with random islands: exercises both codecs.
         return (rnd.randbytes(4096) + bytes(60000)) * (size // 64096) + rnd.randbytes(size % 64096)
     return rnd.randbytes(size)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def main(root: str, ack_path: str, seed: int) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from agentmount.config import render_local
+from agentmount.procs import wait_exit
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -92,7 +93,7 @@ class Mount:
         """SIGKILL the daemon and detach the dead mount, as a crash would leave it."""
         assert self.pid is not None
         os.kill(self.pid, signal.SIGKILL)
-        wait_for(lambda: not _alive(self.pid), 30, what="daemon death")
+        assert wait_exit(self.pid, 30), "the daemon survived SIGKILL"
         subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True)
         self.pid = None
 
@@ -109,14 +110,6 @@ class Mount:
                 self.pid = None
         elif os.path.ismount(self.mp):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def run_as(uid: int, gid: int, fn, *args):

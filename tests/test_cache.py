@@ -1,8 +1,6 @@
 """Block caches: hard byte caps, LRU order, corrupt or unwritable disk entries never fail a read."""
 import os
 
-import trio
-
 from agentmount.chunks import block
 from agentmount.chunks.cache import DiskCache, MemoryCache
 

@@ -112,13 +112,13 @@ def test_embedded_default_and_workspace_commands(tmp_path):
 def test_sigterm_commits_and_unmounts(mount):
     import signal
 
-    from tests.helpers import wait_for, _alive
+    from agentmount.procs import wait_exit
     f = open(mount.ws / "open-at-term", "wb")
     f.write(b"z" * 100_000)
     f.flush()
     pid = mount.pid
     os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not _alive(pid), 60, what="daemon exit after SIGTERM")
+    assert wait_exit(pid, 60), "the daemon did not exit after SIGTERM"
     try:
         f.close()
     except OSError:

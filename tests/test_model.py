@@ -501,17 +501,18 @@ def run_ops(mount, mroot: Path, lroot: Path, ops, stats: dict | None = None,
         tail = "\n".join(log[-40:])
         raise Divergence(f"{label} step {len(log) - 1}: {msg}\nlast operations:\n{tail}{where}")
 
+    def compare_trees(what: str) -> None:
+        d = _diff_trees(snapshot_tree(lroot, False), snapshot_tree(mroot, True))
+        if d:
+            fail(what + ":\n" + "\n".join(d))
+
     try:
         for op in ops:
             done.append(op)
             log.append(f"  {len(log)}: {op!r}")
             kind = op[0]
             if kind == "check":
-                want = snapshot_tree(lroot, False)
-                got = snapshot_tree(mroot, True)
-                d = _diff_trees(want, got)
-                if d:
-                    fail("trees differ:\n" + "\n".join(d))
+                compare_trees("trees differ")
                 continue
             if stats is not None:
                 stats["ops"] = stats.get("ops", 0) + 1
@@ -519,11 +520,7 @@ def run_ops(mount, mroot: Path, lroot: Path, ops, stats: dict | None = None,
                 ms.close_all()
                 ls.close_all()
                 mount.remount()
-                want = snapshot_tree(lroot, False)
-                got = snapshot_tree(mroot, True)
-                d = _diff_trees(want, got)
-                if d:
-                    fail("trees differ after remount:\n" + "\n".join(d))
+                compare_trees("trees differ after remount")
                 continue
             mtimes: list[str] = []
             want = _result(ls, op, mtimes)

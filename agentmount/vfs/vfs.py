@@ -91,7 +91,7 @@ class Workspace:
 
 
 class FileHandle:
-    __slots__ = ("ws", "ino", "writable", "wrote", "next_off")
+    __slots__ = ("ws", "ino", "writable", "wrote", "next_off", "ra_block")
 
     def __init__(self, ws: Workspace, ino: int, writable: bool) -> None:
         self.ws = ws
@@ -99,6 +99,7 @@ class FileHandle:
         self.writable = writable
         self.wrote = False
         self.next_off = -1
+        self.ra_block = -1   # block index readahead was last started from
 
 
 class DirHandle:
@@ -484,9 +485,12 @@ class VFS:
         fsize = d.size if d is not None else node.size
         assert ws.reader is not None
         data = await ws.reader.read(h.ino, off, size, fsize, ws.meta.chunk_size, d)
-        if off == h.next_off or off == 0:
-            ws.reader.readahead(h.ino, off + len(data), fsize, ws.meta.chunk_size)
-        h.next_off = off + len(data)
+        end = off + len(data)
+        # Sequential reader: prefetch ahead, once per block entered rather than on every read.
+        if (off == h.next_off or off == 0) and end // self.bsize != h.ra_block:
+            h.ra_block = end // self.bsize
+            ws.reader.readahead(h.ino, end, fsize, ws.meta.chunk_size)
+        h.next_off = end
         return data
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
