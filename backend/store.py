@@ -51,6 +51,9 @@ class ObjectStore(abc.ABC):
     """Async key/value object store used for blocks, journal segments and snapshots."""
 
     name: str
+    # True when reads are served from a local disk as fast as a block cache could serve them,
+    # so the chunk layer keeps no second copy of its blocks in the disk cache.
+    is_local: bool = False
 
     @abc.abstractmethod
     async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -83,6 +86,10 @@ class ObjectStore(abc.ABC):
 
     async def barrier(self) -> None:
         """Make every earlier put durable (those made with sync=False included)."""
+
+    async def sync(self, keys: Sequence[str]) -> None:
+        """Make the named objects, stored with sync=False, durable (default: a full barrier)."""
+        await self.barrier()
 
     async def check(self) -> None:
         """Raise StoreUnavailable/StoreError when the store is not usable."""

@@ -52,3 +52,22 @@ async def test_a_hung_disk_does_not_hang_the_caller(tmp_path):
         assert time.monotonic() - t < 1.5
     finally:
         stalled.set()
+
+
+async def test_big_objects_use_direct_io_and_read_back_exactly(tmp_path):
+    import os
+    direct = LocalStore(str(tmp_path / "d"))
+    buffered = LocalStore(str(tmp_path / "b"), direct=False)
+    for size in (256 << 10, (4 << 20) + 37, 300_001, 5):
+        data = os.urandom(size)
+        a, b = min(7, size // 2), size // 2
+        parts = [data[:a], memoryview(data)[a:b], bytearray(data[b:])]
+        for s in (direct, buffered):
+            await s.put(f"k/{size}", parts, sync=False)
+            await s.sync([f"k/{size}"])
+            assert await s.get(f"k/{size}") == data
+            assert await s.get(f"k/{size}", 3, 9) == data[3:9]
+            assert (await s.head(f"k/{size}")).size == size
+    assert os.listdir(tmp_path / "d" / "k") and not [f for f in os.listdir(tmp_path / "d" / "k") if ".tmp" in f]
+    with pytest.raises(NotFound):
+        await direct.sync(["k/missing"])

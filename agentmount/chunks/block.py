@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import Sequence, Union
 
 import xxhash
 import zstandard
@@ -46,36 +47,68 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def checksum(data: bytes | memoryview) -> bytes:
-    return xxhash.xxh3_128_digest(data)
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+def as_parts(data: "Buffer | Sequence[Buffer]") -> list[Buffer]:
+    """One buffer or a sequence of buffers, as a list of buffers."""
+    return [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+
+
+def checksum(data: "Buffer | Sequence[Buffer]") -> bytes:
+    """xxh3-128 of the bytes, or of the concatenation of a sequence of buffers."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return xxhash.xxh3_128_digest(data)
+    h = xxhash.xxh3_128()
+    for part in data:
+        h.update(part)
+    return h.digest()
 
 
 _SAMPLE = 64 << 10
 
 
-def encode_parts(plain: bytes | bytearray | memoryview, level: int = 1) -> tuple[bytes, bytes | bytearray | memoryview]:
-    """Return (header, payload) of the block object for `plain`, without copying raw payloads.
+def _middle_sample(parts: list[Buffer], total: int) -> memoryview:
+    mid = total // 2
+    for part in parts:
+        if mid < len(part):
+            return memoryview(part)[mid:mid + _SAMPLE]
+        mid -= len(part)
+    return memoryview(b"")
 
-    Call from a worker thread for big blocks.
+
+def encode_parts(plain: "Buffer | Sequence[Buffer]", level: int = 1) -> tuple[bytes, list[Buffer]]:
+    """Return (header, payload buffers) of the block object for `plain`.
+
+    `plain` is one buffer or a sequence of buffers to concatenate; raw payloads
+    come back as those same buffers, never copied. Call from a worker thread
+    for big blocks.
     """
-    digest = checksum(plain)
+    parts = as_parts(plain)
+    total = sum(len(p) for p in parts)
+    digest = checksum(parts)
     comp = _compressor(level)
-    if len(plain) > 4 * _SAMPLE:
+    raw = _HEADER.pack(MAGIC, VERSION, CODEC_RAW, total, digest), parts
+    if total > 4 * _SAMPLE:
         # Incompressible data (media, archives, random bytes) is common: a sample from the
         # middle tells, and skips compressing megabytes that would be stored raw anyway.
-        mid = len(plain) // 2
-        if len(comp.compress(memoryview(plain)[mid:mid + _SAMPLE])) > _SAMPLE * 0.97:
-            return _HEADER.pack(MAGIC, VERSION, CODEC_RAW, len(plain), digest), plain
-    packed = comp.compress(plain)
-    if len(packed) < len(plain):
-        return _HEADER.pack(MAGIC, VERSION, CODEC_ZSTD, len(plain), digest), packed
-    return _HEADER.pack(MAGIC, VERSION, CODEC_RAW, len(plain), digest), plain
+        sample = _middle_sample(parts, total)
+        if len(sample) >= _SAMPLE // 4 and len(comp.compress(sample)) > len(sample) * 0.97:
+            return raw
+    if len(parts) == 1:
+        packed = comp.compress(parts[0])
+    else:
+        co = comp.compressobj(size=total)
+        packed = b"".join([co.compress(p) for p in parts] + [co.flush()])
+    if len(packed) < total:
+        return _HEADER.pack(MAGIC, VERSION, CODEC_ZSTD, total, digest), [packed]
+    return raw
 
 
-def encode(plain: bytes | bytearray | memoryview, level: int = 1) -> bytes:
+def encode(plain: "Buffer | Sequence[Buffer]", level: int = 1) -> bytes:
     """Return the block object for `plain` as one bytes object."""
     header, payload = encode_parts(plain, level)
-    return header + bytes(payload)
+    return b"".join([header, *payload])
 
 
 def decode(obj: bytes) -> bytes | memoryview:

@@ -43,17 +43,23 @@ class BlockIO:
         # served from here, never evicted, until the upload lands.
         self.pinned: dict[str, bytes] = {}
         self.uploads_in_flight = 0
+        # A local-directory store reads as fast as the disk cache would: no second copy there.
+        self.cache_to_disk = not store.is_local
         self.bytes_uploaded = 0
         self.bytes_downloaded = 0
 
-    async def put(self, key: str, plain: bytes, sync: bool = True) -> None:
-        """Encode and store one block; returns once it is durable in the store (see sync)."""
+    async def put(self, key: str, plain: "block.Buffer | list[block.Buffer]", sync: bool = True) -> None:
+        """Encode and store one block; returns once it is durable in the store (see sync).
+
+        `plain` may be a list of buffers (the block is their concatenation): they
+        are hashed, compressed and written without being joined first.
+        """
         async with self._up:
             self.uploads_in_flight += 1
             try:
                 header, payload = await trio.to_thread.run_sync(block.encode_parts, plain, self.level,
                                                                 limiter=self._cpu)
-                obj = [header, payload]
+                obj = [header, *payload]
                 try:
                     with trio.fail_after(self.timeout):
                         await self.store.put(key, obj, sync=sync)
@@ -63,12 +69,27 @@ class BlockIO:
                 except StoreError as e:
                     log.error("upload of %s failed: %s", key, e)
                     raise FsError(store_errno(e), str(e)) from None
-                self.bytes_uploaded += len(header) + len(payload)
+                self.bytes_uploaded += sum(len(b) for b in obj)
             finally:
                 self.uploads_in_flight -= 1
-        self.mem.put(key, plain)
-        if not self.disk.disabled_reason:
-            await self.disk.put(key, header + bytes(payload))
+        if isinstance(plain, (bytes, memoryview)):
+            self.mem.put(key, plain)
+        if self.cache_to_disk:
+            await self.disk.put(key, obj)
+
+    async def sync(self, keys: list[str]) -> None:
+        """Make blocks stored with put(sync=False) durable; EIO/ENOSPC when the store cannot."""
+        if not keys:
+            return
+        try:
+            with trio.fail_after(self.timeout):
+                await self.store.sync(keys)
+        except trio.TooSlowError:
+            log.error("syncing %d blocks timed out", len(keys))
+            raise FsError(errno.EIO, "store timeout syncing blocks") from None
+        except StoreError as e:
+            log.error("syncing %d blocks failed: %s", len(keys), e)
+            raise FsError(store_errno(e), str(e)) from None
 
     async def get(self, key: str) -> bytes:
         """Return the verified plain bytes of a block (EIO when missing or corrupt)."""
@@ -85,7 +106,7 @@ class BlockIO:
                 return v
         ev = self._inflight[key] = trio.Event()
         try:
-            v = await self.disk.get(key)
+            v = await self.disk.get(key) if self.cache_to_disk else None
             if v is None:
                 v = await self._fetch(key)
             self.mem.put(key, v)
@@ -113,7 +134,8 @@ class BlockIO:
             except block.CorruptBlock as e:
                 log.error("block %s is corrupt: %s", key, e)
                 raise FsError(errno.EIO, f"corrupt block {key}: {e}") from None
-        await self.disk.put(key, obj)
+        if self.cache_to_disk:
+            await self.disk.put(key, obj)
         return plain
 
     async def delete(self, key: str) -> None:

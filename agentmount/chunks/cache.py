@@ -14,6 +14,7 @@ from collections import OrderedDict
 import trio
 
 from agentmount.chunks import block
+from backend.local import writev_all
 
 
 class MemoryCache:
@@ -117,13 +118,16 @@ class DiskCache:
                 pass
             return None
 
-    def _write_sync(self, name: str, obj: bytes) -> bool:
+    def _write_sync(self, name: str, obj: "bytes | list") -> bool:
         p = self._path(name)
         tmp = p + ".tmp"
         try:
             os.makedirs(os.path.dirname(p), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(obj)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                writev_all(fd, obj)
+            finally:
+                os.close(fd)
             os.rename(tmp, p)
             return True
         except OSError:
@@ -144,16 +148,18 @@ class DiskCache:
             self.used -= size
         return plain
 
-    async def put(self, key: str, obj: bytes) -> None:
-        if self.disabled_reason or len(obj) > self.capacity // 4:
+    async def put(self, key: str, obj: "bytes | list") -> None:
+        """Cache an encoded block object (one buffer, or buffers to concatenate)."""
+        size = len(obj) if isinstance(obj, (bytes, bytearray, memoryview)) else sum(len(b) for b in obj)
+        if self.disabled_reason or size > self.capacity // 4:
             return
         name = self._name(key)
         if name in self._lru:
             return
         ok = await trio.to_thread.run_sync(self._write_sync, name, obj, limiter=self._limiter)
         if ok:
-            self._lru[name] = len(obj)
-            self.used += len(obj)
+            self._lru[name] = size
+            self.used += size
             if self.used > self.capacity:
                 await trio.to_thread.run_sync(self._evict_sync, limiter=self._limiter)
 

@@ -524,7 +524,7 @@ class VFS:
         slices = [(p.chunk, p.as_slice()) for p in batch]
         cs = ws.meta.chunk_size
         end = max(p.chunk * cs + p.end for p in batch)
-        inline = {p.sid: bytes(p.buf) for p in batch if p.buf}
+        inline = {p.sid: p.buf.tobytes() for p in batch if p.buf}
         keys = {block_key(ws.name, sid, 0): data for sid, data in inline.items()}
         # Pinned before the record exists, so a snapshot taken at any point sees them.
         for key, data in keys.items():

@@ -21,6 +21,7 @@ import trio
 from agentmount.chunks.blockio import BlockIO
 from agentmount.chunks.layout import Slice, block_key
 from agentmount.errors import FsError
+from agentmount.vfs.pieces import Buffer, PieceBuffer, gather, nbytes
 
 log = logging.getLogger("agentmount.vfs")
 
@@ -63,16 +64,16 @@ class PendingSlice:
     """Buffered bytes of one slice. `buf` holds stored bytes [base, base+len(buf))."""
 
     __slots__ = ("chunk", "pos", "sid", "bsize", "buf", "base", "inflight", "uploading", "sealed", "error",
-                 "done", "unbudgeted", "inline")
+                 "done", "unbudgeted", "inline", "unsynced", "lost")
 
     def __init__(self, chunk: int, pos: int, bsize: int) -> None:
         self.chunk = chunk
         self.pos = pos
         self.sid = new_sid()
         self.bsize = bsize
-        self.buf = bytearray()
+        self.buf = PieceBuffer()
         self.base = 0                          # stored bytes before `buf` went to blocks
-        self.inflight: dict[int, bytes] = {}   # block index -> bytes being uploaded
+        self.inflight: dict[int, list[Buffer]] = {}   # block index -> buffers being uploaded
         self.uploading = 0
         self.sealed = False
         self.error: FsError | None = None
@@ -80,6 +81,8 @@ class PendingSlice:
         self.done.set()
         self.unbudgeted: set[int] = set()     # failed blocks whose bytes no longer count in the budget
         self.inline = False                   # kept in memory to be committed inline, never uploaded here
+        self.unsynced: list[str] = []         # uploaded blocks not yet made durable (synced at collect)
+        self.lost: FsError | None = None      # syncing its blocks failed: their bytes may be gone
 
     @property
     def length(self) -> int:
@@ -99,12 +102,11 @@ class PendingSlice:
             rel = off - self.base
             if rel + n > len(self.buf):
                 return None  # committed inline meanwhile: the pinned block serves it
-            return bytes(self.buf[rel:rel + n])
+            return self.buf.read(rel, n)
         bi = off // self.bsize
-        data = self.inflight.get(bi)
-        if data is not None and off + n <= (bi + 1) * self.bsize:
-            o = off - bi * self.bsize
-            return data[o:o + n]
+        parts = self.inflight.get(bi)
+        if parts is not None and off + n <= (bi + 1) * self.bsize:
+            return gather(parts, off - bi * self.bsize, n)
         return None
 
 
@@ -136,6 +138,8 @@ class DirtyFile:
     def raise_error(self) -> None:
         """Raise the first upload error of this file (ENOSPC/EIO reach the writer early)."""
         for p in self.slices:
+            if p.lost is not None:
+                raise p.lost
             if p.error is not None:
                 raise p.error
 
@@ -159,15 +163,13 @@ class DirtyFile:
         last = self.slices[-1] if self.slices else None
         if (last is not None and not last.sealed and last.chunk == idx
                 and last.pos + last.base <= pos <= last.end):
-            rel = pos - last.pos - last.base
-            overlap = max(0, min(len(last.buf) - rel, len(data)))
-            last.buf[rel:rel + len(data)] = data
+            overlap = last.buf.write_at(pos - last.pos - last.base, data)
             if overlap:
                 self.budget.release(overlap)
             p = last
         else:
             p = PendingSlice(idx, pos, self.bsize)
-            p.buf += data
+            p.buf.append(data)
             self.slices.append(p)
         while len(p.buf) >= self.bsize:
             self._start_upload(p, final=False)
@@ -176,12 +178,7 @@ class DirtyFile:
         n = self.bsize if not final else min(self.bsize, len(p.buf))
         if n == 0:
             return
-        if n == len(p.buf):
-            data = p.buf   # handed over without a copy; never changed after this
-            p.buf = bytearray()
-        else:
-            data = bytes(p.buf[:n])
-            del p.buf[:n]
+        data = p.buf.take(n)   # buffers never changed after this
         bi = p.base // self.bsize
         p.base += n
         p.inflight[bi] = data
@@ -190,10 +187,12 @@ class DirtyFile:
         p.uploading += 1
         self.nursery.start_soon(self._upload, p, bi, data)
 
-    async def _upload(self, p: PendingSlice, bi: int, data: bytes) -> None:
+    async def _upload(self, p: PendingSlice, bi: int, data: list[Buffer]) -> None:
         key = block_key(self.ws, p.sid, bi)
         try:
-            await self.blockio.put(key, data)
+            # Not synced one by one: collect() syncs all of a flush's blocks at once, which lets
+            # the disk stream a big file instead of stopping at every block.
+            await self.blockio.put(key, data, sync=False)
         except Exception as e:  # noqa: BLE001 - reported to the writer and at flush
             if not isinstance(e, FsError):
                 log.exception("upload of %s failed", key)
@@ -203,12 +202,13 @@ class DirtyFile:
             # they stay in `inflight` for a retry at the next flush.
             if bi not in p.unbudgeted and bi in p.inflight:
                 p.unbudgeted.add(bi)
-                self.budget.release(len(data))
+                self.budget.release(nbytes(data))
             else:
                 self.budget.poke()
         else:
+            p.unsynced.append(key)
             if p.inflight.pop(bi, None) is not None and bi not in p.unbudgeted:
-                self.budget.release(len(data))
+                self.budget.release(nbytes(data))
             p.unbudgeted.discard(bi)
         finally:
             p.uploading -= 1
@@ -249,10 +249,24 @@ class DirtyFile:
         batch = list(self.slices)
         for p in batch:
             await p.done.wait()
+            if p.lost is not None:
+                raise p.lost
             if p.error is not None:
                 await self._retry_failed(p)
             if p.error is not None:
                 raise p.error
+        keys = [k for p in batch for k in p.unsynced]
+        try:
+            await self.blockio.sync(keys)
+        except FsError as e:
+            # The store may have dropped the bytes, and they are no longer in memory:
+            # these writes fail for good (like write-back errors of a local file system).
+            for p in batch:
+                if p.unsynced:
+                    p.lost = FsError(errno.EIO, f"store lost written blocks: {e}")
+            raise
+        for p in batch:
+            p.unsynced.clear()
         return batch
 
     def committed(self, batch: list[PendingSlice]) -> None:
@@ -260,7 +274,7 @@ class DirtyFile:
             if p.buf:
                 # Committed inline: the bytes now live in the journal and the pinned cache; their
                 # share of the budget is released when their background upload lands.
-                p.buf = bytearray()
+                p.buf.clear()
         ids = {id(p) for p in batch}
         self.slices = [p for p in self.slices if id(p) not in ids]
 
@@ -276,8 +290,8 @@ class DirtyFile:
     def drop_all(self) -> None:
         """Forget buffered writes (the inode is gone, or they failed); release their budget."""
         for p in self.slices:
-            n = len(p.buf) + sum(len(d) for bi, d in p.inflight.items() if bi not in p.unbudgeted)
-            p.buf = bytearray()
+            n = len(p.buf) + sum(nbytes(d) for bi, d in p.inflight.items() if bi not in p.unbudgeted)
+            p.buf.clear()
             p.inflight.clear()
             if n:
                 self.budget.release(n)
