@@ -12,6 +12,7 @@ import trio
 from agentmount import config as config_mod
 from agentmount import control, procs
 from agentmount.errors import ConfigError, FsError, MountError
+from backend.store import StoreError
 
 
 def _load(args) -> config_mod.Config:
@@ -70,26 +71,56 @@ def _with_store(cfg, fn):
     return trio.run(run)
 
 
+async def _offline_status(store) -> tuple[list[str], dict]:
+    """Workspaces and per-store health probed directly (no daemon running)."""
+    from agentmount.meta.workspaces import list_workspaces
+    error = None
+    try:
+        await store.check()
+    except StoreError as e:
+        error = str(e)
+    health = {h["name"]: h for h in store.health()}
+    if error and len(health) == 1:
+        for h in health.values():
+            h.update(up=False, last_error=error)
+    names: list[str] = []
+    if any(h["up"] for h in health.values()):
+        try:
+            names = sorted(await list_workspaces(store))
+        except StoreError as e:
+            print(f"agentmount: cannot list workspaces: {e}", file=sys.stderr)
+    return names, health
+
+
 def cmd_status(args) -> int:
     cfg = _load(args)
     resp = control.request(cfg.node.data_dir, {"cmd": "status"})
     out: dict = {"node": cfg.node.name, "data_dir": cfg.node.data_dir,
-                 "stores": [{"name": s.name, "kind": s.kind, "path": s.path} for s in cfg.stores]}
+                 "stores": [{"name": s.name, "kind": s.kind, "path": s.path,
+                             "location": s.path if s.kind == "local" else
+                             f"{s.endpoint or 'aws'}/{s.bucket}/{s.prefix}"} for s in cfg.stores]}
     if resp and resp.get("ok"):
         out["running"] = True
         out.update(resp["result"])
+        health = {h["name"]: h for h in out.pop("store_health", [])}
     else:
-        from agentmount.meta.workspaces import list_workspaces
         out["running"] = False
-        out["workspaces"] = sorted(_with_store(cfg, list_workspaces))
+        out["workspaces"], health = _with_store(cfg, _offline_status)
     for st in out["stores"]:
-        st["healthy"] = os.access(st["path"], os.W_OK) if st["path"] else None
+        h = health.get(st["name"], {})
+        st["healthy"] = bool(h.get("up"))
+        st["latency_ms"] = h.get("latency_ms")
+        st["repair_queue"] = h.get("repair_queue", 0)
+        st["last_error"] = h.get("last_error")
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
         return 0
     print(f"node {out['node']}: {'running (pid %d)' % out['pid'] if out['running'] else 'not running'}")
     for st in out["stores"]:
-        print(f"store {st['name']} ({st['kind']} {st['path']}): {'ok' if st['healthy'] else 'UNAVAILABLE'}")
+        lat = f", {st['latency_ms']:g} ms" if st["latency_ms"] is not None else ""
+        err = f" ({st['last_error']})" if st["last_error"] and not st["healthy"] else ""
+        print(f"store {st['name']} ({st['kind']} {st['location']}): {'ok' if st['healthy'] else 'UNAVAILABLE'}"
+              f"{err}{lat}, repair queue {st['repair_queue']}")
     ws = out["workspaces"]
     if isinstance(ws, dict):
         for name, w in sorted(ws.items()):
@@ -102,6 +133,31 @@ def cmd_status(args) -> int:
         for name in ws:
             print(f"workspace {name}")
     return 0
+
+
+def cmd_scrub(args) -> int:
+    from agentmount import scrub
+    from agentmount.daemon import _open_one
+    from backend.replicated import ReplicatedStore
+    cfg = _load(args)
+
+    async def run() -> int:
+        stores = [_open_one(sc, cfg.fs.store_timeout_s) for sc in cfg.stores]
+        reader = stores[0] if len(stores) == 1 else ReplicatedStore(
+            stores, 1, timeout=cfg.fs.store_timeout_s, repair_on_read=False)
+        try:
+            try:
+                await reader.check()
+            except StoreError as e:
+                print(f"agentmount: {e}", file=sys.stderr)
+            return await scrub.run(reader, stores, cfg.chunk_size, args.workspace, args.repair)
+        except StoreError as e:
+            print(f"agentmount: scrub failed: {e}", file=sys.stderr)
+            return 1
+        finally:
+            for s in stores:
+                await s.aclose()
+    return trio.run(run)
 
 
 def cmd_workspace(args) -> int:
@@ -169,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("workspace", nargs="?")
     f.add_argument("--quick", action="store_true", help="check block presence only, not checksums")
     f.set_defaults(fn=cmd_fsck)
+    sc = with_config(sub.add_parser("scrub", help="verify every object on every store; --repair fixes copies"))
+    sc.add_argument("workspace", nargs="?")
+    sc.add_argument("--repair", action="store_true", help="rewrite missing or corrupt copies from a good one")
+    sc.set_defaults(fn=cmd_scrub)
     w = with_config(sub.add_parser("workspace", help="create, list or delete workspaces"))
     w.add_argument("action", choices=["create", "list", "delete"])
     w.add_argument("name", nargs="?")

@@ -32,6 +32,13 @@ class StoreConfig:
     kind: str
     path: str | None = None
     fsync: bool = True
+    endpoint: str | None = None
+    bucket: str | None = None
+    prefix: str = ""
+    region: str = "us-east-1"
+    access_key: str | None = None
+    secret_key: str | None = None
+    path_style: bool = True
 
 
 @dataclass
@@ -74,6 +81,8 @@ class Config:
     log: LogConfig
     workspaces: list[str] = field(default_factory=list)
     write_quorum: int = 1
+    hedge_ms: int = 50
+    health_interval_s: float = 1.0
     path: str | None = None
 
     @property
@@ -100,7 +109,7 @@ def _str(v: Any) -> bool:
 _NODE = {"name": _str, "data_dir": _str, "listen": _str, "secret_key": _str, "public_key": _str}
 _STORE = {"name": _str, "kind": lambda v: v in ("local", "s3"), "path": _str, "fsync": lambda v: isinstance(v, bool),
           "endpoint": _str, "bucket": _str, "prefix": lambda v: isinstance(v, str), "region": _str,
-          "access_key": _str, "secret_key": _str}
+          "access_key": _str, "secret_key": _str, "path_style": lambda v: isinstance(v, bool)}
 _CACHE = {"dir": _str, "size_mb": _positive_int, "memory_mb": _positive_int}
 _FS = {
     "block_size_kb": lambda v: _positive_int(v) and 64 <= v <= 16384 and (v & (v - 1)) == 0,
@@ -119,7 +128,8 @@ _FS = {
     "store_timeout_s": lambda v: _nonneg_num(v) and v > 0,
 }
 _LOG = {"level": lambda v: v in ("debug", "info", "warning", "error"), "file": _str}
-_REPL = {"write_quorum": _positive_int}
+_REPL = {"write_quorum": _positive_int, "hedge_ms": lambda v: _positive_int(v) and v <= 60000,
+         "health_interval_s": lambda v: _nonneg_num(v) and 0.05 <= v <= 3600}
 _WS = {"name": lambda v: isinstance(v, str) and bool(WORKSPACE_NAME_RE.match(v))}
 _TOP = {"node", "peer", "store", "replication", "cache", "fs", "log", "workspace", "webhook"}
 _HINT = {
@@ -192,7 +202,20 @@ def parse(text: str, path: str | None = None) -> Config:
             raise ConfigError(f"store[{i}].name: duplicate store name {t['name']!r}")
         names.add(t["name"])
         if t["kind"] == "s3":
-            raise ConfigError(f"store[{i}].kind: \"s3\" stores are not supported by this version")
+            if "bucket" not in t:
+                raise ConfigError(f"store[{i}].bucket: required for kind \"s3\"")
+            extra = set(t) & {"path", "fsync"}
+            if extra:
+                raise ConfigError(f"store[{i}].{sorted(extra)[0]}: only valid for kind \"local\"")
+            if ("access_key" in t) != ("secret_key" in t):
+                raise ConfigError(f"store[{i}].{'secret_key' if 'access_key' in t else 'access_key'}: "
+                                  "access_key and secret_key go together")
+            prefix = t.get("prefix", "")
+            stores.append(StoreConfig(name=t["name"], kind="s3", endpoint=t.get("endpoint"), bucket=t["bucket"],
+                                      prefix=prefix, region=t.get("region", "us-east-1"),
+                                      access_key=t.get("access_key"), secret_key=t.get("secret_key"),
+                                      path_style=t.get("path_style", True)))
+            continue
         if "path" not in t:
             raise ConfigError(f"store[{i}].path: required for kind \"local\"")
         extra = set(t) - {"name", "kind", "path", "fsync"}
@@ -200,8 +223,6 @@ def parse(text: str, path: str | None = None) -> Config:
             raise ConfigError(f"store[{i}].{sorted(extra)[0]}: only valid for kind \"s3\"")
         stores.append(StoreConfig(name=t["name"], kind=t["kind"], path=os.path.abspath(os.path.expanduser(t["path"])),
                                   fsync=t.get("fsync", True)))
-    if len(stores) > 1:
-        raise ConfigError("store: several stores (replication) are not supported by this version")
     repl = _check_table("replication", raw.get("replication", {}), _REPL)
     wq = repl.get("write_quorum", len(stores) // 2 + 1)
     if wq > len(stores):
@@ -223,6 +244,7 @@ def parse(text: str, path: str | None = None) -> Config:
             raise ConfigError(f"workspace[{i}].name: duplicate workspace {t['name']!r}")
         workspaces.append(t["name"])
     return Config(node=node, stores=stores, cache=cache, fs=fs, log=log, workspaces=workspaces, write_quorum=wq,
+                  hedge_ms=repl.get("hedge_ms", 50), health_interval_s=float(repl.get("health_interval_s", 1.0)),
                   path=path)
 
 

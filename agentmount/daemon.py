@@ -23,7 +23,7 @@ import trio
 from agentmount import control, logs
 from agentmount.chunks.blockio import BlockIO
 from agentmount.chunks.cache import DiskCache, MemoryCache
-from agentmount.config import Config
+from agentmount.config import Config, StoreConfig
 from agentmount.errors import MountError
 from backend.local import LocalStore
 from backend.store import ObjectStore, StoreError
@@ -32,8 +32,23 @@ log = logging.getLogger("agentmount.daemon")
 
 
 def open_store(cfg: Config) -> ObjectStore:
-    sc = cfg.stores[0]
-    return LocalStore(sc.path, sc.name, fsync=sc.fsync)
+    """The store the peer works on: the one configured, or a ReplicatedStore over several."""
+    stores = [_open_one(sc, cfg.fs.store_timeout_s) for sc in cfg.stores]
+    if len(stores) == 1:
+        return stores[0]
+    from backend.replicated import ReplicatedStore
+    return ReplicatedStore(stores, cfg.write_quorum, repair_dir=os.path.join(cfg.node.data_dir, "repair"),
+                           timeout=cfg.fs.store_timeout_s, hedge_after=cfg.hedge_ms / 1000,
+                           health_interval=cfg.health_interval_s)
+
+
+def _open_one(sc: StoreConfig, timeout: float) -> ObjectStore:
+    if sc.kind == "local":
+        return LocalStore(sc.path, sc.name, fsync=sc.fsync)
+    from backend.s3 import S3Store
+    return S3Store(sc.name, bucket=sc.bucket, endpoint=sc.endpoint, prefix=sc.prefix, region=sc.region,
+                   access_key=sc.access_key, secret_key=sc.secret_key, path_style=sc.path_style,
+                   timeout=timeout)
 
 
 def check_mountpoint(mp: str) -> None:
@@ -95,6 +110,8 @@ def preflight(cfg: Config, mp: str) -> None:
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing (load the fuse module or pass --device /dev/fuse)")
     for sc in cfg.stores:
+        if sc.kind != "local":
+            continue   # checked by the daemon before it serves (network calls)
         store = LocalStore(sc.path, sc.name)
         try:
             store._check_sync()
@@ -157,6 +174,13 @@ def mount(cfg: Config, mp: str, foreground: bool) -> int:
     raise MountError("the mount daemon exited before serving (see its log in the data dir)")
 
 
+def _store_error(cfg: Config, e: StoreError) -> str:
+    msg = str(e)
+    if len(cfg.stores) == 1 and not msg.startswith("store "):
+        return f"store {cfg.stores[0].name}: {msg}"
+    return msg
+
+
 def _unwrap(e: BaseException) -> BaseException:
     while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
         e = e.exceptions[0]
@@ -216,18 +240,23 @@ async def _main(cfg: Config, mp: str, ready_fd: int | None) -> int:
     store = open_store(cfg)
     mem = MemoryCache(cfg.cache.memory_mb << 20)
     disk = DiskCache(cfg.cache.dir, cfg.cache.size_mb << 20)
-    if isinstance(store, LocalStore):
+    if store.is_local:
         disk.disabled_reason = "the store is a local directory"
     else:
         await trio.to_thread.run_sync(disk.load)
     blockio = BlockIO(store, mem, disk, level=cfg.fs.zstd_level, upload_concurrency=cfg.fs.upload_concurrency,
                       download_concurrency=cfg.fs.download_concurrency, timeout=cfg.fs.store_timeout_s)
     async with trio.open_nursery() as nursery:
+        try:
+            await store.check()
+        except StoreError as e:
+            raise MountError(_store_error(cfg, e)) from None
+        await nursery.start(store.run)
         vfs = VFS(cfg, store, blockio, nursery)
         try:
             await vfs.load_workspaces()
         except StoreError as e:
-            raise MountError(f"store {cfg.stores[0].name}: {e}") from None
+            raise MountError(_store_error(cfg, e)) from None
         ops = Operations(vfs, cfg.fs.attr_timeout_s, cfg.fs.entry_timeout_s)
         try:
             pyfuse3.init(ops, mp, mount_options(f"agentmount:{cfg.node.name}"))
@@ -263,4 +292,6 @@ async def _main(cfg: Config, mp: str, ready_fd: int | None) -> int:
                 pyfuse3.close(unmount=True)
                 log.warning("unmounted %s%s", mp, " (signal)" if stopping else "")
         nursery.cancel_scope.cancel()
+    with trio.CancelScope(shield=True):
+        await store.aclose()
     return 0

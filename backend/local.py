@@ -327,12 +327,16 @@ class LocalStore(ObjectStore):
         for key in keys:
             try:
                 fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
+            except FileNotFoundError:
+                continue   # deleted meanwhile (or never landed here: a replica's repair queue has it)
             except OSError as e:
                 raise _classify(e, key) from e
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                raise _classify(e, key) from e
+            finally:
+                os.close(fd)
 
     def _sync_dirs_sync(self, dirs: Sequence[str]) -> None:
         for d in dirs:

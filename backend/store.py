@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence, TypeVar
+
+import trio
+
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -34,6 +38,10 @@ class NotFound(StoreError):
 
 class AlreadyExists(StoreError):
     """A create-only put found the key already present."""
+
+
+class CorruptObject(StoreError):
+    """An object's bytes failed the caller's check (format or checksum)."""
 
 
 class StoreUnavailable(StoreError):
@@ -84,6 +92,14 @@ class ObjectStore(abc.ABC):
     async def list_keys(self, prefix: str) -> list[str]:
         return [info.key async for info in self.list(prefix)]
 
+    async def get_checked(self, key: str, check: "Callable[[bytes], T] | None") -> "tuple[bytes, T | None]":
+        """The whole object and `check(bytes)` of it (run in a worker thread); `check` raises
+        CorruptObject on bad bytes. Replicated stores then try another replica and repair."""
+        data = await self.get(key)
+        if check is None:
+            return data, None
+        return data, await trio.to_thread.run_sync(check, data)
+
     async def barrier(self) -> None:
         """Make every earlier put durable (those made with sync=False included)."""
 
@@ -93,6 +109,14 @@ class ObjectStore(abc.ABC):
 
     async def check(self) -> None:
         """Raise StoreUnavailable/StoreError when the store is not usable."""
+
+    def health(self) -> list[dict]:
+        """Per underlying store: name, up, latency_ms, repair_queue, last_error."""
+        return [{"name": self.name, "up": True, "latency_ms": None, "repair_queue": 0, "last_error": None}]
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Background work of the store, if any (start it in a nursery; it ends when cancelled)."""
+        task_status.started()
 
     async def aclose(self) -> None:
         """Release resources."""

@@ -69,5 +69,4 @@ async def test_big_objects_use_direct_io_and_read_back_exactly(tmp_path):
             assert await s.get(f"k/{size}", 3, 9) == data[3:9]
             assert (await s.head(f"k/{size}")).size == size
     assert os.listdir(tmp_path / "d" / "k") and not [f for f in os.listdir(tmp_path / "d" / "k") if ".tmp" in f]
-    with pytest.raises(NotFound):
-        await direct.sync(["k/missing"])
+    await direct.sync(["k/missing"])   # nothing to make durable: not an error

@@ -16,6 +16,8 @@ from typing import Sequence, Union
 import xxhash
 import zstandard
 
+from backend.store import CorruptObject
+
 MAGIC = b"AMB"
 VERSION = 1
 CODEC_RAW = 0
@@ -26,7 +28,7 @@ HEADER_SIZE = _HEADER.size
 _local = threading.local()
 
 
-class CorruptBlock(Exception):
+class CorruptBlock(CorruptObject):
     """A block object failed its format or checksum verification."""
 
 

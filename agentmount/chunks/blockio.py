@@ -119,21 +119,20 @@ class BlockIO:
         async with self._down:
             try:
                 with trio.fail_after(self.timeout):
-                    obj = await self.store.get(key)
+                    # Checked where it is fetched: a replicated store then falls over to a good copy.
+                    obj, plain = await self.store.get_checked(key, block.decode)
             except trio.TooSlowError:
                 raise FsError(errno.EIO, f"store timeout reading {key}") from None
             except NotFound:
                 log.error("block %s is missing from the store", key)
                 raise FsError(errno.EIO, f"missing block {key}") from None
+            except block.CorruptObject as e:
+                log.error("block %s is corrupt: %s", key, e)
+                raise FsError(errno.EIO, f"corrupt block {key}: {e}") from None
             except StoreError as e:
                 log.error("reading block %s failed: %s", key, e)
                 raise FsError(errno.EIO, str(e)) from None
             self.bytes_downloaded += len(obj)
-            try:
-                plain = await trio.to_thread.run_sync(block.decode, obj, limiter=self._cpu)
-            except block.CorruptBlock as e:
-                log.error("block %s is corrupt: %s", key, e)
-                raise FsError(errno.EIO, f"corrupt block {key}: {e}") from None
         if self.cache_to_disk:
             await self.disk.put(key, obj)
         return plain

@@ -87,8 +87,7 @@ async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
                     if (m := _SNAP_RE.search(k))), reverse=True)
     for seq, key in snaps:
         try:
-            data = await store.get(key)
-            obj = await trio.to_thread.run_sync(lambda: unpack(block.decode(data)))
+            _, obj = await store.get_checked(key, lambda data: unpack(block.decode(data)))
             state = NamespaceState.from_obj(obj)
             snap_inline = dict(obj.get("inline") or {})
             snap_seq = seq
@@ -119,7 +118,7 @@ async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
         if first >= limit:
             continue
         try:
-            seg = decode_segment(await store.get(key))
+            _, seg = await store.get_checked(key, decode_segment)
         except (block.CorruptBlock, ValueError) as err:
             raise RecoveryError(f"journal segment {key} is corrupt: {err}") from None
         for rec in seg["records"]:

@@ -790,4 +790,5 @@ class VFS:
             "bytes_downloaded": self.blockio.bytes_downloaded,
             "memory_cache_bytes": self.blockio.mem.used,
             "disk_cache_bytes": self.blockio.disk.used,
+            "store_health": self.store.health(),
         }
