@@ -1,6 +1,8 @@
 """Fixtures: real FUSE mounts of agentmount in per-test directories."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.helpers import Mount
@@ -37,3 +39,32 @@ def shared_mount(tmp_path_factory):
     m.mount()
     yield m
     m.cleanup()
+
+
+# -- SeaweedFS S3 servers ------------------------------------------------------------------
+# S3 tests always pass credentials: never let botocore's credential chain probe the EC2
+# instance metadata address.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def seaweed_cluster(tmp_path_factory):
+    """Factory: seaweed_cluster(n=3, bucket="agentmount") -> n started `SeaweedServer`s (see
+    tests/seaweed.py), each in its own temp dir with `bucket` created. All are killed and
+    their data and sockets removed at the end of the test, also when it fails."""
+    from tests.seaweed import SeaweedServer, start_all
+
+    made: list[SeaweedServer] = []
+
+    def factory(n: int = 3, bucket: str | None = "agentmount") -> list[SeaweedServer]:
+        new = [SeaweedServer(tmp_path_factory.mktemp("seaweed")) for _ in range(n)]
+        made.extend(new)
+        start_all(new)
+        if bucket:
+            for s in new:
+                s.create_bucket(bucket)
+        return new
+
+    yield factory
+    for s in made:
+        s.cleanup(graceful=False)
