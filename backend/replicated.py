@@ -32,6 +32,7 @@ log = logging.getLogger("agentmount.replication")
 T = TypeVar("T")
 
 _EWMA = 0.2
+_STALE = 10.0   # seconds after which a latency average no longer ranks a replica
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Replica:
     store: ObjectStore
     up: bool = True
     latency: float | None = None      # moving average of successful call latency, seconds
+    measured: float = 0.0             # trio time of the last latency sample
     failures: int = 0                 # consecutive
     last_error: str | None = None
     wake: trio.Event = field(default_factory=trio.Event)   # set when it came back / got repairs
@@ -49,7 +51,15 @@ class Replica:
 
     def ok(self, seconds: float) -> None:
         self.latency = seconds if self.latency is None else (1 - _EWMA) * self.latency + _EWMA * seconds
+        self.measured = trio.current_time()
         self.failures = 0
+
+    def expected(self, now: float) -> float:
+        """Latency to rank by; a replica not measured lately ranks as fast, so it gets measured
+        again (one slow first call must not exile a replica forever)."""
+        if self.latency is None or now - self.measured > _STALE:
+            return 0.0
+        return self.latency
 
     def slow(self, seconds: float) -> None:
         """A call that lost a hedge race: count its time so far, so the average learns it is slow."""
@@ -107,7 +117,8 @@ class ReplicatedStore(ObjectStore):
         """Up replicas fastest first (unknown latency counts as fast, so it gets measured)."""
         up = self._up()
         random.shuffle(up)
-        return sorted(up, key=lambda r: r.latency or 0.0)
+        now = trio.current_time()
+        return sorted(up, key=lambda r: r.expected(now))
 
     def _failed(self, r: Replica, e: BaseException) -> None:
         r.failures += 1
@@ -138,10 +149,15 @@ class ReplicatedStore(ObjectStore):
         if not isinstance(data, (bytes, bytearray, memoryview)):
             data = list(data)
         res = _Tally(len(targets), self.write_quorum)
+        running = {r.name for r in targets}
+        queued: set[str] = set()
 
         async def one(r: Replica) -> None:
             try:
                 await self._call(r, r.store.put, key, data, create_only=create_only, sync=sync)
+                running.discard(r.name)
+                if r.name in queued:
+                    self.queue.done(r.name, key, PUT)   # the straggler landed after all
                 res.success()
             except AlreadyExists:
                 res.exists()
@@ -156,6 +172,11 @@ class ReplicatedStore(ObjectStore):
                 raise
 
         await self._fan_out(targets, one, res)
+        # Replicas still writing when the quorum answered are recorded before the put is
+        # acknowledged, so a crash of this peer cannot forget that they may lack the object.
+        for name in running:
+            queued.add(name)
+            self.queue.add(name, key, PUT)
         if res.n_exists:
             raise AlreadyExists(key)
         if res.n_ok < self.write_quorum:
@@ -179,11 +200,16 @@ class ReplicatedStore(ObjectStore):
         for r in self.replicas:
             if not r.up:
                 self.queue.add(r.name, key, DELETE)
-        res = _Tally(len(targets), len(targets))
+        res = _Tally(len(targets), min(self.write_quorum, len(targets)))
+        running = {r.name for r in targets}
+        queued: set[str] = set()
 
         async def one(r: Replica) -> None:
             try:
                 await self._call(r, r.store.delete, key)
+                running.discard(r.name)
+                if r.name in queued:
+                    self.queue.done(r.name, key, DELETE)
                 res.success()
             except StoreError as e:
                 self._failed(r, e)
@@ -192,6 +218,9 @@ class ReplicatedStore(ObjectStore):
 
         if targets:
             await self._fan_out(targets, one, res)
+        for name in running:   # still deleting: recorded, like the stragglers of a put
+            queued.add(name)
+            self.queue.add(name, key, DELETE)
 
     async def _everywhere(self, what: str, fn: Callable[[Replica], object]) -> None:
         targets = self._up()
@@ -284,7 +313,7 @@ class ReplicatedStore(ObjectStore):
                 n.start_soon(attempt, r, ready)
                 if launched_all:
                     break
-                hedge = max(self.hedge_after, 3 * (r.latency or 0.0))
+                hedge = self.hedge_after
                 with trio.move_on_after(hedge):
                     while not done.is_set() and not ready.is_set():
                         await _first(done, ready)

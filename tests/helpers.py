@@ -45,14 +45,15 @@ class Mount:
     """A real agentmount peer mounted at `mp`, configured by `conf` in its own directory."""
 
     def __init__(self, root: Path, workspaces=("default",), fs: dict | None = None, store: Path | None = None,
-                 extra: str = "") -> None:
+                 extra: str = "", conf_text: str | None = None) -> None:
         self.root = root
         self.mp = root / "mnt"
         self.mp.mkdir(exist_ok=True)
         self.store = store or (root / "store")
         self.data = root / "data"
         self.conf = root / "mount.conf"
-        self.conf.write_text(render_local(name="test", data_dir=str(self.data), store=str(self.store),
+        self.conf.write_text(conf_text if conf_text is not None else
+                             render_local(name="test", data_dir=str(self.data), store=str(self.store),
                                           cache_dir=str(root / "cache"), workspaces=tuple(workspaces),
                                           cache={"size_mb": 256, "memory_mb": 128}, fs=fs, extra=extra))
         self.pid: int | None = None
@@ -110,6 +111,24 @@ class Mount:
                 self.pid = None
         elif os.path.ismount(self.mp):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True)
+
+
+def s3_conf(root: Path, servers, *, write_quorum: int | None = None, endpoints: list[str] | None = None,
+            fs: dict | None = None, bucket: str = "agentmount", hedge_ms: int = 50) -> str:
+    """mount.conf text for a peer over S3 stores (SeaweedFS servers), one `[[store]]` each."""
+    lines = ["[node]", 'name = "test"', f'data_dir = "{root / "data"}"', ""]
+    for i, srv in enumerate(servers):
+        lines += ["[[store]]", f'name = "z{i}"', 'kind = "s3"',
+                  f'endpoint = "{endpoints[i] if endpoints else srv.endpoint}"', f'bucket = "{bucket}"',
+                  f'access_key = "{srv.access_key}"', f'secret_key = "{srv.secret_key}"', ""]
+    lines += ["[replication]", f"hedge_ms = {hedge_ms}", "health_interval_s = 0.2"]
+    if write_quorum is not None:
+        lines.append(f"write_quorum = {write_quorum}")
+    lines += ["", "[cache]", f'dir = "{root / "cache"}"', "size_mb = 256", "memory_mb = 64", "", "[fs]"]
+    lines += [f"{k} = {v!r}" if not isinstance(v, bool) else f"{k} = {str(v).lower()}"
+              for k, v in (fs or {}).items()]
+    lines += ["", "[[workspace]]", 'name = "default"']
+    return "\n".join(lines) + "\n"
 
 
 def run_as(uid: int, gid: int, fn, *args):
