@@ -160,6 +160,12 @@ def cmd_scrub(args) -> int:
     return trio.run(run)
 
 
+def cmd_keys(args) -> int:
+    from agentmount.peer.keys import keygen_text
+    print(keygen_text(), end="")
+    return 0
+
+
 def cmd_workspace(args) -> int:
     from agentmount.meta import workspaces as wsreg
     cfg = _load(args)
@@ -229,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("workspace", nargs="?")
     sc.add_argument("--repair", action="store_true", help="rewrite missing or corrupt copies from a good one")
     sc.set_defaults(fn=cmd_scrub)
+    k = sub.add_parser("keys", help="generate a CurveZMQ key pair for [node] public_key/secret_key")
+    k.add_argument("action", choices=["generate"])
+    k.set_defaults(fn=cmd_keys)
     w = with_config(sub.add_parser("workspace", help="create, list or delete workspaces"))
     w.add_argument("action", choices=["create", "list", "delete"])
     w.add_argument("name", nargs="?")

@@ -156,3 +156,12 @@ def test_full_disk_gives_enospc_and_loses_nothing_closed(tmp_path):
     finally:
         m.cleanup()
         subprocess.run(["umount", "-l", str(small)])
+
+
+def test_keys_generate_prints_a_loadable_curve_pair():
+    from agentmount.peer.keys import load_pair
+    r = cli("keys", "generate", check=True)
+    vals = dict(line.split(" = ") for line in r.stdout.strip().splitlines())
+    pub, sec = vals["public_key"].strip('"'), vals["secret_key"].strip('"')
+    load_pair(pub, sec, "generated")
+    assert pub != cli("keys", "generate", check=True).stdout.split('"')[1]
