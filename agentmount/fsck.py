@@ -121,13 +121,8 @@ async def check_blocks(store: ObjectStore, state: NamespaceState, verify_data: b
 async def run(store: ObjectStore, cfg: Config, only: str | None, *, verify_data: bool = True,
               out: TextIO = sys.stdout) -> int:
     known = await wsreg.list_workspaces(store)
-    names = [only] if only else sorted(known)
-    bad = 0
+    names, bad = wsreg.select(known, only, out)
     for name in names:
-        if name not in known:
-            print(f"{name}: no such workspace", file=out)
-            bad += 1
-            continue
         try:
             loaded = await wsreg.recover(store, name, known[name], cfg.chunk_size)
         except jr.RecoveryError as e:

@@ -139,14 +139,9 @@ async def run(reader: ObjectStore, stores: list[ObjectStore], chunk_size: int, o
               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Scrub; `reader` reads through all replicas (to recover namespaces), `stores` are the replicas."""
     known = await wsreg.list_workspaces(reader)
-    names = [only] if only else sorted(known)
+    names, bad = wsreg.select(known, only, out)
     sc = Scrubber(stores, repair, err)
-    bad = 0
     for name in names:
-        if name not in known:
-            print(f"{name}: no such workspace", file=out)
-            bad += 1
-            continue
         try:
             await sc.workspace(reader, name, known[name], chunk_size)
         except jr.RecoveryError as e:

@@ -81,3 +81,13 @@ async def open_local(store: ObjectStore, name: str, info: dict, cfg: "Config") -
     meta = LocalNamespace(store, loaded.state, journal, snapshot_records=cfg.fs.snapshot_records,
                           gc_grace=cfg.fs.gc_grace_s)
     return meta, loaded
+
+
+def select(known: dict, only: str | None, out) -> tuple[list[str], int]:
+    """The workspaces a command works on (`only`, or all known) and how many asked for are
+    missing (each reported on `out`)."""
+    names = [only] if only else sorted(known)
+    missing = [n for n in names if n not in known]
+    for n in missing:
+        print(f"{n}: no such workspace", file=out)
+    return [n for n in names if n in known], len(missing)

@@ -100,6 +100,22 @@ def _endpoint(raw: zmq.Socket) -> str:
     return raw.getsockopt(zmq.LAST_ENDPOINT).decode()
 
 
+def _bind_server(auth: Authenticator, kind: int, secret_key: str, endpoint: str,
+                 opts: dict[int, int]) -> tuple[ZSocket, str]:
+    """A Curve-server socket of `kind` bound at `endpoint`; returns it and the bound endpoint."""
+    raw = auth.context.socket(kind)
+    try:
+        zs = ZSocket(raw)
+        for opt, value in opts.items():
+            raw.setsockopt(opt, value)
+        _curve_server(raw, secret_key, auth)
+        raw.bind(endpoint)
+        return zs, _endpoint(raw)
+    except BaseException:
+        raw.close(linger=0)
+        raise
+
+
 def _curve_server(raw: zmq.Socket, secret_key: str, auth: Authenticator) -> None:
     raw.setsockopt(zmq.CURVE_SERVER, 1)
     raw.setsockopt(zmq.CURVE_SECRETKEY, load_key(secret_key, "secret_key").encode())
@@ -222,18 +238,9 @@ class RpcServer:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         _check_auth(self._auth, "RpcServer")
-        raw = self._auth.context.socket(zmq.ROUTER)
-        try:
-            zs = ZSocket(raw)
-            raw.setsockopt(zmq.RCVHWM, 10_000)
-            raw.setsockopt(zmq.SNDHWM, 10_000)
-            raw.setsockopt(zmq.MAXMSGSIZE, self._max + 4096)
-            _curve_server(raw, self._secret, self._auth)
-            raw.bind(self.bind_endpoint)
-            self.endpoint = _endpoint(raw)
-        except BaseException:
-            raw.close(linger=0)
-            raise
+        zs, self.endpoint = _bind_server(self._auth, zmq.ROUTER, self._secret, self.bind_endpoint,
+                                         {zmq.RCVHWM: 10_000, zmq.SNDHWM: 10_000,
+                                          zmq.MAXMSGSIZE: self._max + 4096})
         self._zs = zs
         try:
             async with trio.open_nursery() as nursery:
@@ -584,16 +591,8 @@ class Publisher:
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         _check_auth(self._auth, "Publisher")
-        raw = self._auth.context.socket(zmq.PUB)
-        try:
-            zs = ZSocket(raw)
-            raw.setsockopt(zmq.SNDHWM, self._hwm)
-            _curve_server(raw, self._secret, self._auth)
-            raw.bind(self.bind_endpoint)
-            self.endpoint = _endpoint(raw)
-        except BaseException:
-            raw.close(linger=0)
-            raise
+        zs, self.endpoint = _bind_server(self._auth, zmq.PUB, self._secret, self.bind_endpoint,
+                                         {zmq.SNDHWM: self._hwm})
         self._zs = zs
         try:
             async with trio.open_nursery() as nursery:
