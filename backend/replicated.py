@@ -438,7 +438,10 @@ class ReplicatedStore(ObjectStore):
                 r.up = True
                 r.failures = 0
                 r.wake.set()
-            self.queue.flush()
+            await trio.to_thread.run_sync(self.queue.flush)
+            for r in self.replicas:
+                if self.queue.needs_compaction(r.name):
+                    await self.queue.compact(r.name)
 
     async def _drain(self, r: Replica) -> None:
         """Replay `r`'s repair queue whenever it is up and has entries."""

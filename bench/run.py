@@ -5,6 +5,8 @@ had) JuiceFS; one table of medians plus a JSON file in bench/results/.
     python bench/run.py                  # mounts its own agentmount (+ JuiceFS) in a temp dir
     python bench/run.py --quick          # sizes / counts scaled down 8x
     python bench/run.py --target DIR     # DIR (e.g. a mounted agentmount workspace) vs local only
+    python bench/run.py --replicas       # agentmount over 3 SeaweedFS S3 stores vs over 1 (issue 3):
+                                         # sequential and small-file phases, s3x3/s3x1 ratios
 
 Everything it mounts or creates is removed at the end, also on error or Ctrl-C.
 """
@@ -32,6 +34,7 @@ import targets as tg  # noqa: E402
 import workload as wl  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 RESULTS = BENCH / "results"
 T0 = time.monotonic()
 
@@ -133,6 +136,7 @@ class Run:
     wd: Watchdog
     samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     errors: list[dict] = field(default_factory=list)
+    cpu: list[dict] = field(default_factory=list)
     state: dict[str, dict] = field(default_factory=dict)
 
     def amount(self, key: str) -> float | None:
@@ -195,10 +199,16 @@ class Run:
                 if t.broken or t.name in failed:
                     continue
                 self.guarded(t, f"{ph.name} sync", [], os.sync)
+                cpu0, w0 = t.cpu_seconds(), time.perf_counter()
                 res = self.guarded(t, ph.name, ph.keys, lambda: ph.step(t, rep))
                 if res is None:
                     failed.add(t.name)
                     continue
+                wall = time.perf_counter() - w0
+                cpu: dict[str, float] = {}
+                for k, v in t.cpu_seconds().items():  # a process started in the step counts from 0
+                    role = k.split(":", 1)[0]
+                    cpu[role] = cpu.get(role, 0.0) + v - cpu0.get(k, 0.0)
                 parts = []
                 for k, secs in res.items():
                     self.samples.setdefault(k, {}).setdefault(t.name, []).append(secs)
@@ -206,6 +216,11 @@ class Run:
                     unit = next(f.unit for f in self.figs if f.key == k)
                     parts.append(f"{k} {secs:.3f} s" if a is None else f"{k} {fmt_num(a / secs)} {unit} ({secs:.3f} s)")
                 log(f"  {t.name:<10} run {rep + 1}/{n}: " + ", ".join(parts))
+                if cpu:
+                    self.cpu.append({"phase": ph.name, "target": t.name, "rep": rep, "wall_seconds": wall,
+                                     "cpu_seconds": cpu})
+                    log(f"  {'':<10} cpu during the step ({wall:.2f} s wall): "
+                        + ", ".join(f"{k} {v:.2f} s" for k, v in cpu.items()))
         for t in active:
             if ph.after and not t.broken:
                 self.guarded(t, f"{ph.name} cleanup", ph.keys, lambda: (ph.after(t), True)[1])
@@ -292,7 +307,12 @@ def build_phases(r: Run, tarball: Path, tar_entries: int) -> list[Phase]:
 # ---------------------------------------------------------------------------------------------
 # report
 
-def summarize(r: Run) -> list[dict]:
+def ratio_key(num: str, den: str) -> str:
+    return f"ratio_{num}_{den}"
+
+
+def summarize(r: Run, pairs: list[tuple[str, str]]) -> list[dict]:
+    """Medians per figure and target, and for each (num, den) in pairs the speed ratio num/den."""
     out = []
     for f in r.figs:
         row = {"key": f.key, "title": f.title, "unit": f.unit, "higher_is_better": not f.is_time,
@@ -314,16 +334,15 @@ def summarize(r: Run) -> list[dict]:
             if errs:
                 row["errors"][t.name] = errs[0]
 
-        def ratio(other: str) -> float | None:
-            am, ot = row["results"].get("agentmount"), row["results"].get(other)
-            if not am or not ot:
+        def ratio(num: str, den: str) -> float | None:
+            a, b = row["results"].get(num), row["results"].get(den)
+            if not a or not b:
                 return None
-            # speed ratio: > 1 means agentmount is faster
-            return ot["median_seconds"] / am["median_seconds"] if f.is_time else am["median"] / ot["median"]
+            # speed ratio: > 1 means num is faster
+            return b["median_seconds"] / a["median_seconds"] if f.is_time else a["median"] / b["median"]
 
-        row["ratio_agentmount_local"] = ratio("local")
-        if any(t.name == "juicefs" for t in r.targets):
-            row["ratio_agentmount_juicefs"] = ratio("juicefs")
+        for num, den in pairs:
+            row[ratio_key(num, den)] = ratio(num, den)
         out.append(row)
     return out
 
@@ -340,22 +359,25 @@ def cell(row: dict, name: str) -> str:
     return s
 
 
-def table(rows: list[dict], names: list[str]) -> str:
+def fmt_ratio(rv: float | None) -> str:
+    return "-" if rv is None else f"x{rv:.2f}" if rv >= 0.1 else f"x{rv:.2g}"
+
+
+def table(rows: list[dict], names: list[str], pairs: list[tuple[str, str]]) -> str:
+    """One column per target; a ratio column num/den follows the later of its two targets."""
+    after: dict[str, list[tuple[str, str]]] = {}
+    for num, den in pairs:
+        after.setdefault(max(num, den, key=names.index), []).append((num, den))
     cols = ["figure"]
     for n in names:
         cols.append(n)
-        if n == "agentmount":
-            cols.append("agentmount/local")
-        if n == "juicefs":
-            cols.append("agentmount/juicefs")
+        cols += [f"{num}/{den}" for num, den in after.get(n, [])]
     lines = []
     for row in rows:
         line = [row["title"]]
         for n in names:
             line.append(cell(row, n))
-            if n in ("agentmount", "juicefs"):
-                rv = row.get("ratio_agentmount_local" if n == "agentmount" else "ratio_agentmount_juicefs")
-                line.append("-" if rv is None else f"x{rv:.2f}" if rv >= 0.1 else f"x{rv:.2g}")
+            line += [fmt_ratio(row.get(ratio_key(num, den))) for num, den in after.get(n, [])]
         lines.append(line)
     widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
     fmt = lambda l: "  ".join(s.ljust(w) if i == 0 else s.rjust(w) for i, (s, w) in enumerate(zip(l, widths)))  # noqa: E731
@@ -364,10 +386,41 @@ def table(rows: list[dict], names: list[str]) -> str:
     return "\n".join(out)
 
 
-def close_fds_under(root: Path) -> None:
+def cpu_table(r: Run) -> str:
+    """Median CPU seconds per step by role (daemon, SeaweedFS servers) next to the median wall time."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for c in r.cpu:
+        groups.setdefault((c["phase"], c["target"]), []).append(c)
+    if not groups:
+        return ""
+    order = ["daemon", "servers", "bench"]
+    roles = sorted({k for c in r.cpu for k in c["cpu_seconds"]} - {"machine"},
+                   key=lambda k: (order.index(k) if k in order else len(order), k))
+    machine = any("machine" in c["cpu_seconds"] for c in r.cpu)
+    cols = ["step", "target", "wall s"] + [f"{k} cpu s" for k in roles]
+    cols += ["other procs cpu s", "machine busy cores"] if machine else ["cores busy"]
+    lines = []
+    for (ph, t), cs in groups.items():
+        wall = statistics.median(c["wall_seconds"] for c in cs)
+        per = [statistics.median(c["cpu_seconds"].get(k, 0.0) for c in cs) for k in roles]
+        line = [ph, t, f"{wall:.2f}"] + [f"{v:.2f}" for v in per]
+        if machine:
+            tot = statistics.median(c["cpu_seconds"].get("machine", 0.0) for c in cs)
+            other = statistics.median(c["cpu_seconds"].get("machine", 0.0)
+                                      - sum(v for k, v in c["cpu_seconds"].items() if k != "machine") for c in cs)
+            line += [f"{max(other, 0.0):.2f}", f"{tot / wall:.2f} of {os.cpu_count()}" if wall else "-"]
+        else:
+            line.append(f"{sum(per) / wall:.2f}" if wall else "-")
+        lines.append(line)
+    widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
+    fmt = lambda l: "  ".join(s.ljust(w) if i < 2 else s.rjust(w) for i, (s, w) in enumerate(zip(l, widths)))  # noqa: E731
+    return "\n".join([fmt(cols), "  ".join("-" * w for w in widths)] + [fmt(l) for l in lines])
+
+
+def close_fds_under(root: Path, keep: set[int] = frozenset()) -> None:
     for fd in os.listdir("/proc/self/fd"):
         try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(root) + "/"):
+            if int(fd) not in keep and os.readlink(f"/proc/self/fd/{fd}").startswith(str(root) + "/"):
                 os.close(int(fd))
         except OSError:
             pass
@@ -392,15 +445,140 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                "mounting agentmount and JuiceFS")
     p.add_argument("--quick", action="store_true", help="scale sizes and counts down 8x")
     p.add_argument("--repeat", type=int, default=3, help="runs per cheap figure (median; default 3)")
-    p.add_argument("--repeat-big", type=int, default=1, help="runs per 1 GiB figure (median; default 1)")
+    p.add_argument("--repeat-big", type=int, default=None,
+                   help="runs per 1 GiB figure (median; default 1, with --replicas 3)")
     p.add_argument("--no-juicefs", action="store_true", help="skip the JuiceFS comparison")
+    p.add_argument("--replicas", action="store_true",
+                   help="start 4 SeaweedFS S3 servers on 127.0.0.1 and compare agentmount over three of them "
+                        "(s3x3, write_quorum 2) with agentmount over one (s3x1): sequential and small-file "
+                        "phases, s3x3/s3x1 ratios (issue 3's acceptance: seq write/read >= 0.8x)")
+    p.add_argument("--no-local", action="store_true", help="with --replicas: leave out the local-directory "
+                                                           "reference")
     p.add_argument("--tmpdir", type=Path, default=None, help="where the temp area goes (default: $TMPDIR or /tmp)")
     p.add_argument("--step-timeout", type=float, default=900.0,
                    help="seconds before one step counts as hung (an owned mount is then killed)")
     a = p.parse_args(argv)
+    if a.repeat_big is None:
+        a.repeat_big = 3 if a.replicas else 1
     if a.repeat < 1 or a.repeat_big < 1:
         p.error("--repeat and --repeat-big must be >= 1")
+    if a.replicas and a.target:
+        p.error("--replicas and --target do not go together")
+    if a.no_local and not a.replicas:
+        p.error("--no-local only applies to --replicas")
     return a
+
+
+def setup_default(args: argparse.Namespace, tmp: Path, stamp: str, created: list[tg.Target]) -> list[tg.Target]:
+    """local, agentmount (own mount over a local store, or --target) and JuiceFS when it can be had."""
+    local = tg.LocalTarget(tmp)
+    created.append(local)
+    local.setup()
+    if args.target:
+        am: tg.Target = tg.ExternalTarget(args.target.resolve(), stamp)
+        created.append(am)
+        am.setup()
+    else:
+        am = tg.AgentmountTarget(tmp)
+        created.append(am)
+        log("mounting agentmount ...")
+        am.setup()
+        log(f"agentmount: mounted {am.mp} (pid {am.pid}, {am.mount_seconds:.2f} s)")
+    targets: list[tg.Target] = [local, am]
+
+    if not args.target and not args.no_juicefs:
+        exe = tg.ensure_juicefs()
+        if not exe:
+            log("juicefs: not available")
+        else:
+            jfs = tg.JuiceFSTarget(tmp, exe)
+            created.append(jfs)
+            try:
+                log("formatting and mounting juicefs ...")
+                jfs.setup()
+                targets.append(jfs)
+                log(f"juicefs: mounted {jfs.mp}")
+            except Exception as e:  # noqa: BLE001
+                log(f"juicefs: not available ({e})")
+                jfs.teardown()
+                created.remove(jfs)
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------
+# --replicas: agentmount over 3 SeaweedFS stores vs over 1 (issue 3's performance acceptance)
+
+REPLICA_PHASES = ("seq-write-random", "seq-read", "small-files")
+REPLICA_BUCKET = "agentmount-bench"
+REPLICA_SERVERS = 4          # one for s3x1, three for s3x3
+ACCEPT = {"seq_write_random": 0.8, "seq_read_cold": 0.8, "seq_read_warm": 0.8}
+S3X1, S3X3 = "s3x1", "s3x3"
+
+
+def setup_replicas(args: argparse.Namespace, tmp: Path, created: list[tg.Target], servers: list) -> list[tg.Target]:
+    """Start the SeaweedFS servers (appended to `servers` before they start, so that cleanup finds them
+    whatever happens) and mount s3x1 and s3x3 with the same [fs]/[cache] settings."""
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # credentials are explicit: never probe IMDS
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from tests.seaweed import SeaweedServer, start_all, weed_binary
+
+    targets: list[tg.Target] = []
+    if not args.no_local:
+        local = tg.LocalTarget(tmp)
+        created.append(local)
+        local.setup()
+        targets.append(local)
+    weed = weed_binary()
+    for i in range(REPLICA_SERVERS):
+        servers.append(SeaweedServer(tmp / "seaweed" / f"sw{i}", start_timeout=120))
+    log(f"starting {REPLICA_SERVERS} SeaweedFS servers ({weed} mini, 127.0.0.1 only) ...")
+    t0 = time.monotonic()
+    start_all(servers)
+    for s in servers:
+        s.create_bucket(REPLICA_BUCKET)
+    log(f"SeaweedFS: {', '.join(s.endpoint for s in servers)} up, bucket {REPLICA_BUCKET} "
+        f"({time.monotonic() - t0:.1f} s)")
+    # identical [fs]/[cache] settings on both (the defaults); only the store list differs
+    for name, group, wq in ((S3X1, servers[:1], None), (S3X3, servers[1:], 2)):
+        t = tg.S3AgentmountTarget(tmp, name, group, REPLICA_BUCKET, write_quorum=wq)
+        created.append(t)
+        log(f"mounting {name} ...")
+        t.setup()
+        log(f"{name}: mounted {t.mp} (pid {t.pid}, {t.mount_seconds:.2f} s)")
+        targets.append(t)
+    return targets
+
+
+def stop_servers(servers: list) -> None:
+    def stop(s) -> None:
+        try:
+            s.cleanup(graceful=True)   # SIGTERM (SIGKILL after 15 s), remove its sockets and data
+        except Exception as e:  # noqa: BLE001
+            log(f"  SeaweedFS {s.endpoint if s.ports else s.root}: stop failed ({e}); killing it")
+            try:
+                s.cleanup(graceful=False)
+            except Exception:  # noqa: BLE001
+                pass
+
+    threads = [threading.Thread(target=stop, args=(s,)) for s in servers]   # in parallel: each may take seconds
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if servers:
+        log(f"  SeaweedFS: {len(servers)} server(s) stopped")
+
+
+def acceptance(rows: list[dict]) -> dict[str, dict]:
+    out = {}
+    for row in rows:
+        need = ACCEPT.get(row["key"])
+        if need is None:
+            continue
+        rv = row.get(ratio_key(S3X3, S3X1))
+        out[row["key"]] = {"ratio": rv, "required": need, "ok": None if rv is None else rv >= need}
+    return out
 
 
 def main(argv=None) -> int:
@@ -415,6 +593,7 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="agentmount-bench-", dir=args.tmpdir))
     created: list[tg.Target] = []
+    servers: list = []   # --replicas: SeaweedFS servers, stopped after the mounts are gone
     wd = Watchdog(args.step_timeout)
     wd.start()
     run: Run | None = None
@@ -423,47 +602,26 @@ def main(argv=None) -> int:
     code = 0
     interrupted = False
     try:
-        log(f"agentmount bench{' --quick' if args.quick else ''}: temp area {tmp}, python {sys.executable}")
-        tarball, tar_entries = wl.stdlib_tarball(sz.tar_every, log)
-        log(f"tarball {tarball} ({tar_entries} entries, {tarball.stat().st_size / wl.MiB:.0f} MiB)")
-
-        local = tg.LocalTarget(tmp)
-        created.append(local)
-        local.setup()
-        if args.target:
-            am: tg.Target = tg.ExternalTarget(args.target.resolve(), stamp)
-            created.append(am)
-            am.setup()
+        log(f"agentmount bench{' --replicas' if args.replicas else ''}{' --quick' if args.quick else ''}: "
+            f"temp area {tmp}, python {sys.executable}")
+        if args.replicas:
+            targets = setup_replicas(args, tmp, created, servers)
+            tarball, tar_entries = Path(), 0   # no tar phase in this mode
         else:
-            am = tg.AgentmountTarget(tmp)
-            created.append(am)
-            log("mounting agentmount ...")
-            am.setup()
-            log(f"agentmount: mounted {am.mp} (pid {am.pid}, {am.mount_seconds:.2f} s)")
-        targets: list[tg.Target] = [local, am]
-
-        if not args.target and not args.no_juicefs:
-            exe = tg.ensure_juicefs()
-            if not exe:
-                log("juicefs: not available")
-            else:
-                jfs = tg.JuiceFSTarget(tmp, exe)
-                created.append(jfs)
-                try:
-                    log("formatting and mounting juicefs ...")
-                    jfs.setup()
-                    targets.append(jfs)
-                    log(f"juicefs: mounted {jfs.mp}")
-                except Exception as e:  # noqa: BLE001
-                    log(f"juicefs: not available ({e})")
-                    jfs.teardown()
-                    created.remove(jfs)
+            tarball, tar_entries = wl.stdlib_tarball(sz.tar_every, log)
+            log(f"tarball {tarball} ({tar_entries} entries, {tarball.stat().st_size / wl.MiB:.0f} MiB)")
+            targets = setup_default(args, tmp, stamp, created)
         for t in targets:
             descriptions[t.name] = t.describe()
             log(f"target {t.name}: {descriptions[t.name]}")
 
         run = Run(args, sz, wl.figures(sz), targets, wd)
-        for ph in build_phases(run, tarball, tar_entries):
+        phases = build_phases(run, tarball, tar_entries)
+        if args.replicas:
+            phases = [ph for ph in phases if ph.name in REPLICA_PHASES]
+            keys = {k for ph in phases for k in ph.keys}
+            run.figs = [f for f in run.figs if f.key in keys]
+        for ph in phases:
             run.run_phase(ph)
     except KeyboardInterrupt as e:
         interrupted = True
@@ -479,23 +637,36 @@ def main(argv=None) -> int:
         logs_kept = {}
         try:
             log("cleaning up ...")
-            close_fds_under(tmp)  # an fd left open by an interrupted step would make the unmount EBUSY
-            for t in reversed(created):
-                try:
-                    t.teardown()
-                except Exception as e:  # noqa: BLE001
-                    log(f"  {t.name}: teardown failed: {e}")
-            RESULTS.mkdir(exist_ok=True)
-            for t in created:
-                if t.log_path and t.log_path.exists() and t.log_path.stat().st_size:
-                    dst = RESULTS / f"{stamp}-{t.name}.log"
-                    shutil.copyfile(t.log_path, dst)
-                    logs_kept[t.name] = str(dst)
-            problems = {t.name: log_problems(t.log_path) for t in created if t.name == "agentmount"}
-            for t in created:
-                for mp in (getattr(t, "mp", None),):
-                    if mp is not None and tg.is_mounted(mp):
-                        tg.lazy_detach(mp)
+            # an fd left open by an interrupted step would make the unmount EBUSY (the SeaweedFS servers'
+            # log files are ours too, and stay open until they are stopped)
+            close_fds_under(tmp, {f.fileno() for f in (getattr(s, "_log", None) for s in servers)
+                                  if f is not None and not f.closed})
+            try:
+                for t in reversed(created):
+                    try:
+                        t.teardown()
+                    except Exception as e:  # noqa: BLE001
+                        log(f"  {t.name}: teardown failed: {e}")
+                RESULTS.mkdir(exist_ok=True)
+                for t in created:
+                    if t.log_path and t.log_path.exists() and t.log_path.stat().st_size:
+                        dst = RESULTS / f"{stamp}-{t.name}.log"
+                        shutil.copyfile(t.log_path, dst)
+                        logs_kept[t.name] = str(dst)
+                problems = {t.name: log_problems(t.log_path) for t in created
+                            if isinstance(t, tg.AgentmountTarget)}
+                if servers and (code or (run is not None and run.errors)):
+                    for i, srv in enumerate(servers):   # keep the SeaweedFS logs of a failed run
+                        if srv.log_path.exists():
+                            dst = RESULTS / f"{stamp}-seaweed{i}.log"
+                            shutil.copyfile(srv.log_path, dst)
+                            logs_kept[f"seaweed{i}"] = str(dst)
+            finally:
+                for t in created:
+                    for mp in (getattr(t, "mp", None),):
+                        if mp is not None and tg.is_mounted(mp):
+                            tg.lazy_detach(mp)
+                stop_servers(servers)   # only now: the mounts commit to them until they are unmounted
             shutil.rmtree(tmp, ignore_errors=True)
             if tmp.exists():
                 log(f"  warning: could not remove all of {tmp}")
@@ -507,31 +678,62 @@ def main(argv=None) -> int:
 
     if run is None:
         return code or 1
-    rows = summarize(run)
     names = [t.name for t in run.targets]
+    if args.replicas:
+        pairs = [(S3X3, S3X1)] + ([(S3X1, "local")] if "local" in names else [])
+        who = "the first target (s3x3 in s3x3/s3x1)"
+    else:
+        pairs = [("agentmount", "local")] + ([("agentmount", "juicefs")] if "juicefs" in names else [])
+        who = "agentmount"
+    rows = summarize(run, pairs)
+    accept = acceptance(rows) if args.replicas else {}
     print()
-    print(f"agentmount benchmark {stamp}{' (--quick: sizes/counts / 8)' if args.quick else ''}"
+    print(f"agentmount benchmark{' --replicas' if args.replicas else ''} {stamp}"
+          f"{' (--quick: sizes/counts / 8)' if args.quick else ''}"
           f"{' (INTERRUPTED: partial)' if interrupted else ''}")
     print(f"machine: {os.cpu_count()} cores, {platform.platform()}, python {platform.python_version()}")
     for t in run.targets:
         print(f"  {t.name}: {descriptions.get(t.name, '')}")
     print(f"medians of {args.repeat} run(s) each ({args.repeat_big} for the {wl.human_bytes(sz.seq_bytes)} figures)")
     print()
-    print(table(rows, names))
+    print(table(rows, names, pairs))
+    ct = cpu_table(run)
+    if ct:
+        print()
+        print("CPU per step (medians; a step's wall time includes untimed parts: generating the random data,")
+        print("the cold read's remount; 'other procs' = machine busy time not used by daemon/servers/bench):")
+        print(ct)
+    if accept:
+        print()
+        print("issue 3 acceptance (sequential throughput with three replicas >= 0.8x of one replica):")
+        for key, a in accept.items():
+            verdict = "no figure" if a["ok"] is None else "PASS" if a["ok"] else "FAIL"
+            print(f"  {key:<17} s3x3/s3x1 {fmt_ratio(a['ratio']):>6}  (need x{a['required']:.2f})  {verdict}")
     print()
     print("notes:")
-    print("  * ratio columns are SPEED ratios, > 1 means agentmount is faster: rate/rate for MiB/s, ops/s, files/s;")
-    print("    other_time/agentmount_time for the figures in seconds (lower seconds are better).")
+    print(f"  * ratio columns num/den are SPEED ratios, > 1 means {who} is faster: rate/rate for MiB/s, ops/s,")
+    print("    files/s; den_time/num_time for the figures in seconds (lower seconds are better).")
     print("  * sequential writes: 1 MiB write() calls, then fsync, then close; the time covers all of it,")
     print("    because agentmount's close() is durable (it returns once the data is committed to the store).")
-    print("  * cold reads: owned mounts are unmounted and remounted (JuiceFS block cache emptied), and for every")
-    print("    target the kernel page cache is dropped (sync; echo 3 > /proc/sys/vm/drop_caches); warm = read again")
-    print("    right away. 4 KiB random reads are cold too (cache dropped before each run).")
+    if args.replicas:
+        print("  * s3x1: agentmount over one SeaweedFS S3 store; s3x3: over three (replicated, write_quorum 2: a")
+        print("    write returns once two replicas have it, the third finishes in the background). Same [fs] and")
+        print("    [cache] settings (the defaults). The servers are `weed mini` processes on 127.0.0.1 of THIS")
+        print(f"    machine ({os.cpu_count()} cores): they share its CPUs and disk with the daemon and the benchmark, so")
+        print("    s3x3 also pays for three servers' work on the same cores (no network between them).")
+        print("  * cold reads: the mount is unmounted, its disk block cache ([cache] dir) emptied, and it is")
+        print("    mounted again (memory cache empty); the kernel page cache is dropped for every target")
+        print("    (sync; echo 3 > /proc/sys/vm/drop_caches); warm = read again right away.")
+    else:
+        print("  * cold reads: owned mounts are unmounted and remounted (JuiceFS block cache emptied), and for every")
+        print("    target the kernel page cache is dropped (sync; echo 3 > /proc/sys/vm/drop_caches); warm = read again")
+        print("    right away. 4 KiB random reads are cold too (cache dropped before each run).")
     if args.target:
         print("    --target is not a mount this benchmark owns, so it is not remounted: a daemon's own memory")
         print("    cache may still serve the 'cold' reads there.")
-    print("  * tar: GNU tar -xf of a stdlib tarball (no fsync; agentmount's close() per file is still durable);")
-    print("    rm -rf of the extracted tree is timed separately.")
+    if not args.replicas:
+        print("  * tar: GNU tar -xf of a stdlib tarball (no fsync; agentmount's close() per file is still durable);")
+        print("    rm -rf of the extracted tree is timed separately.")
     if run.errors:
         print()
         print(f"ERRORS ({len(run.errors)}):")
@@ -548,16 +750,21 @@ def main(argv=None) -> int:
                 print("  " + p)
 
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{stamp}.json"
+    out = RESULTS / f"{stamp}{'-replicas' if args.replicas else ''}.json"
     out.write_text(json.dumps({
-        "timestamp": stamp, "argv": sys.argv, "quick": args.quick, "interrupted": interrupted,
+        "timestamp": stamp, "argv": sys.argv, "mode": "replicas" if args.replicas else "default",
+        "quick": args.quick, "interrupted": interrupted,
         "repeat": args.repeat, "repeat_big": args.repeat_big, "sizes": asdict(sz),
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "targets": descriptions,
-        "ratio_meaning": "speed ratio, > 1 means agentmount is faster (time figures: other_s / agentmount_s)",
+        "ratios": [{"key": ratio_key(n, d), "num": n, "den": d} for n, d in pairs],
+        "ratio_meaning": "speed ratio num/den, > 1 means num is faster (time figures: den_s / num_s)",
+        "acceptance": accept,
         "figures": rows, "errors": run.errors, "daemon_logs": logs_kept,
+        "cpu_per_step": run.cpu,
         "agentmount_log_problems": problems.get("agentmount", []),
+        "daemon_log_problems": problems,
     }, indent=2))
     print()
     print(f"results: {out}")

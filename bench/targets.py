@@ -58,6 +58,30 @@ def is_mounted(mp: Path) -> bool:
         return True  # ENOTCONN and the like: a dead mount is still attached
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (its threads included; waited-for children too), 0 when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # fields[0] is the state (field 3): utime, stime, cutime, cstime are fields 14-17
+    return sum(int(x) for x in fields[11:15]) / _TICK
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine, all cores (user+nice+system+irq+softirq+steal)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / _TICK
+
+
 def tail(path: Path, lines: int = 40) -> str:
     try:
         with open(path, "rb") as f:
@@ -114,6 +138,11 @@ class Target:
     def diagnostics(self, lines: int = 40) -> str:
         return tail(self.log_path, lines) if self.log_path else ""
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system) used so far by the processes serving this target, by role
+        ("role" or "role:pid"; empty: not measured). A step's CPU cost is the difference around it."""
+        return {}
+
     def teardown(self) -> None:
         pass
 
@@ -163,9 +192,10 @@ class AgentmountTarget(Target):
     name = "agentmount"
     owned = True
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, name: str = "agentmount") -> None:
         super().__init__()
-        self.root = root / "agentmount"
+        self.name = name
+        self.root = root / name
         self.mp = self.root / "mnt"
         self.data = self.root / "data"
         self.store = self.root / "store"
@@ -249,6 +279,104 @@ class AgentmountTarget(Target):
 
     def describe(self) -> str:
         return f"agentmount at {self.mp} (workspace default), config {self.conf}, log {self.log_path}"
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+class S3AgentmountTarget(AgentmountTarget):
+    """agentmount over S3 stores (SeaweedFS servers this benchmark started, see tests/seaweed.py): one
+    `[[store]]` per server; several make a replicated store with `write_quorum` (default: majority).
+
+    Over S3 the disk block cache is in use, so a cold read also empties `[cache] dir`."""
+
+    def __init__(self, root: Path, name: str, servers: list, bucket: str, write_quorum: int | None = None,
+                 cache: dict | None = None, fs: dict | None = None) -> None:
+        super().__init__(root, name)
+        self.servers = list(servers)
+        self.bucket = bucket
+        self.write_quorum = write_quorum
+        self.cache_opts = dict(cache or {})
+        self.fs_opts = dict(fs or {})
+
+    def render_conf(self) -> str:
+        n = len(self.servers)
+        lines = [f"# written by bench/run.py --replicas: {n} SeaweedFS S3 store(s)",
+                 "[node]", f"name = {toml_value('bench-' + self.name)}", f"data_dir = {toml_value(str(self.data))}"]
+        for i, s in enumerate(self.servers):
+            lines += ["", "[[store]]", f"name = {toml_value(f'sw{i}')}", 'kind = "s3"',
+                      f"endpoint = {toml_value(s.endpoint)}", f"bucket = {toml_value(self.bucket)}",
+                      f"access_key = {toml_value(s.access_key)}", f"secret_key = {toml_value(s.secret_key)}"]
+        if n > 1:
+            lines += ["", "[replication]", f"write_quorum = {self.write_quorum or n // 2 + 1}"]
+        lines += ["", "[cache]", f"dir = {toml_value(str(self.cache))}"]
+        lines += [f"{k} = {toml_value(v)}" for k, v in self.cache_opts.items()]
+        lines += ["", "[fs]"] + [f"{k} = {toml_value(v)}" for k, v in self.fs_opts.items()]
+        lines += ["", "[[workspace]]", 'name = "default"']
+        return "\n".join(lines) + "\n"
+
+    def setup(self) -> None:
+        self.mp.mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(self.render_conf())
+        self.mount()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        out = {}
+        if self.pid is not None:  # keyed by pid: a remount inside a step starts a new daemon
+            out[f"daemon:{self.pid}"] = proc_cpu_seconds(self.pid)
+        out["servers"] = sum(proc_cpu_seconds(s.proc.pid) for s in self.servers if s.proc is not None)
+        t = os.times()
+        out["bench"] = t.user + t.system          # this process: the workload's own syscalls, os.urandom
+        out["machine"] = machine_cpu_seconds()    # everything, other processes on the machine included
+        return out
+
+    def cache_bytes(self) -> int:
+        total = 0
+        for dirpath, _, files in os.walk(self.cache):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(dirpath, f)).st_size
+                except OSError:
+                    pass
+        return total
+
+    def empty_cache_dir(self) -> int:
+        """Remove everything in `[cache] dir` (only while unmounted); returns the bytes it held."""
+        n = self.cache_bytes()
+        if self.cache.exists():
+            for entry in os.scandir(self.cache):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+        return n
+
+    def drop_caches(self) -> str:
+        s = self.umount()
+        n = self.empty_cache_dir()
+        self.mount()
+        drop_page_cache()
+        return (f"remounted (umount {s:.2f} s), disk cache emptied ({n / (1 << 20):.0f} MiB) "
+                f"+ page cache dropped")
+
+    def diagnostics(self, lines: int = 40) -> str:
+        out = super().diagnostics(lines)
+        for s in self.servers:
+            if not s.running:
+                out += f"\n--- SeaweedFS {s.endpoint} is not running; {s.log_path} (tail) ---\n{s.log_tail(15)}"
+        return out
+
+    def describe(self) -> str:
+        n = len(self.servers)
+        repl = f", write_quorum {self.write_quorum or n // 2 + 1}" if n > 1 else ""
+        eps = " ".join(s.endpoint for s in self.servers)
+        return (f"agentmount over {n} SeaweedFS S3 store(s){repl} at {self.mp}: {eps} bucket {self.bucket}; "
+                f"config {self.conf}, log {self.log_path}")
 
 
 def find_juicefs() -> str | None:

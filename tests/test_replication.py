@@ -6,6 +6,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from agentmount.chunks import block
 from backend.local import LocalStore
@@ -157,3 +158,26 @@ async def test_misconfigured_replica_fails_check_but_an_unreachable_one_is_toler
     with pytest.raises(StoreError) as e:
         await ReplicatedStore(_replicas(tmp_path)[:2] + [broken], 2, timeout=5).check()
     assert "store broken" in str(e.value)
+
+
+async def test_repair_queue_survives_compaction_and_torn_appends(tmp_path):
+    from backend.repair import DELETE, PUT, RepairQueue
+    q = RepairQueue(str(tmp_path))
+    q.load("s")
+    for i in range(5000):
+        q.add("s", f"k{i}", PUT)
+    for i in range(4990):
+        q.done("s", f"k{i}", PUT)
+    q.add("s", "k0", DELETE)
+    assert q.needs_compaction("s")
+    async with trio.open_nursery() as n:
+        n.start_soon(q.compact, "s")
+        await trio.testing.wait_all_tasks_blocked()   # the compaction is writing in its thread now
+        assert "s" in q._recording
+        q.add("s", "late", PUT)   # appended while the compaction runs: must not be lost
+    assert not q.needs_compaction("s")
+    with open(tmp_path / "s.queue", "ab") as f:
+        f.write(b"P torn-without-newl")   # a crash mid-append
+    q2 = RepairQueue(str(tmp_path))
+    q2.load("s")
+    assert q2.peek("s", 100) == [(f"k{i}", PUT) for i in range(4990, 5000)] + [("k0", DELETE), ("late", PUT)]
