@@ -6,9 +6,11 @@ Layers (each only uses the ones above it):
 - `keys`:  Curve key generation/validation and the trio-native ZAP `Authenticator`.
 - `rpc`:   `RpcServer`/`RpcClient` (request/reply with deadlines, retries, dedup)
            and `Publisher`/`Subscriber` (change notices).
+- `promises`, `lease`: durable voter state and quorum leases for workspace
+           leadership (`Voter`, `LeaseManager`; the epoch is the fencing token).
 
-Leases, leader election and forwarding of namespace operations are built on
-top of this package, not in it. Logs go to the "agentmount.peer" logger,
+Forwarding of namespace operations to the leader is built on top of this
+package, not in it. Logs go to the "agentmount.peer" logger,
 which is quiet unless the application configures logging.
 """
 import logging
