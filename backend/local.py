@@ -122,7 +122,8 @@ class LocalStore(ObjectStore):
 
     # -- helpers (run in threads) -------------------------------------------------
     def _path(self, key: str) -> str:
-        if not key or key.startswith("/") or ".." in key.split("/") or _TMP_SUFFIX in key:
+        parts = key.split("/")
+        if "" in parts or ".." in parts or "." in parts or _TMP_SUFFIX in key:
             raise StoreError(f"invalid key {key!r}")
         return os.path.join(self.root, key)
 

@@ -121,8 +121,13 @@ class ReplicatedStore(ObjectStore):
         return sorted(up, key=lambda r: r.expected(now))
 
     def _failed(self, r: Replica, e: BaseException) -> None:
-        r.failures += 1
+        """Record a failed call; only a transient one (unreachable, timeout, 5xx) takes the
+        replica out of the hot path. A permanent error (a bad key, a refused request) is the
+        request's fault, not the replica's."""
         r.last_error = str(e) or type(e).__name__
+        if not isinstance(e, StoreUnavailable):
+            return
+        r.failures += 1
         if r.up:
             log.warning("store %s marked down: %s", r.name, r.last_error)
         r.up = False
@@ -155,21 +160,22 @@ class ReplicatedStore(ObjectStore):
         async def one(r: Replica) -> None:
             try:
                 await self._call(r, r.store.put, key, data, create_only=create_only, sync=sync)
-                running.discard(r.name)
                 if r.name in queued:
                     self.queue.done(r.name, key, PUT)   # the straggler landed after all
                 res.success()
             except AlreadyExists:
                 res.exists()
             except StoreError as e:
-                if not isinstance(e, NotFound):
-                    self._failed(r, e)
-                self.queue.add(r.name, key, PUT)
+                self._failed(r, e)
+                if isinstance(e, StoreUnavailable):
+                    self.queue.add(r.name, key, PUT)
                 res.failure(e)
             except BaseException as e:  # cancelled: nobody knows whether it landed
                 self.queue.add(r.name, key, PUT)
                 res.failure(e)
                 raise
+            finally:
+                running.discard(r.name)
 
         await self._fan_out(targets, one, res)
         # Replicas still writing when the quorum answered are recorded before the put is
@@ -180,8 +186,8 @@ class ReplicatedStore(ObjectStore):
         if res.n_exists:
             raise AlreadyExists(key)
         if res.n_ok < self.write_quorum:
-            raise StoreUnavailable(f"{key}: written to {res.n_ok} of {len(self.replicas)} stores, "
-                                   f"write quorum {self.write_quorum} not reached: {res.first_error}")
+            raise _quorum_error(res, f"{key}: written to {res.n_ok} of {len(self.replicas)} stores, "
+                                     f"write quorum {self.write_quorum} not reached: {res.first_error}")
 
     async def _fan_out(self, targets: list[Replica], one, res: "_Tally") -> None:
         """Run `one(r)` for every target; return once the tally is decided. Stragglers go on in
@@ -207,14 +213,16 @@ class ReplicatedStore(ObjectStore):
         async def one(r: Replica) -> None:
             try:
                 await self._call(r, r.store.delete, key)
-                running.discard(r.name)
                 if r.name in queued:
                     self.queue.done(r.name, key, DELETE)
                 res.success()
             except StoreError as e:
                 self._failed(r, e)
-                self.queue.add(r.name, key, DELETE)
+                if isinstance(e, StoreUnavailable):
+                    self.queue.add(r.name, key, DELETE)
                 res.failure(e)
+            finally:
+                running.discard(r.name)
 
         if targets:
             await self._fan_out(targets, one, res)
@@ -240,7 +248,7 @@ class ReplicatedStore(ObjectStore):
             for r in targets:
                 n.start_soon(one, r)
         if res.n_ok < self.write_quorum:
-            raise StoreUnavailable(f"{what}: {res.first_error}")
+            raise _quorum_error(res, f"{what}: {res.first_error}")
 
     async def sync(self, keys: Sequence[str]) -> None:
         keys = list(keys)
@@ -532,6 +540,12 @@ class _Tally:
         if self.first_error is None:
             self.first_error = e
         self._update()
+
+
+def _quorum_error(res: "_Tally", msg: str) -> StoreError:
+    """StoreUnavailable when the quorum was missed for transient reasons, else a permanent StoreError."""
+    permanent = isinstance(res.first_error, StoreError) and not isinstance(res.first_error, StoreUnavailable)
+    return StoreError(msg) if permanent else StoreUnavailable(msg)
 
 
 def _named(r: Replica, e: BaseException) -> str:

@@ -6,36 +6,16 @@ import pytest
 import trio
 
 from backend.local import LocalStore
-from backend.store import AlreadyExists, NotFound, StoreError
+from backend.replicated import ReplicatedStore
+from tests.store_contract import check_contract
 
 
 async def test_local_store_contract(tmp_path):
-    s = LocalStore(str(tmp_path / "store"))
-    await s.check()
-    await s.put("ws/a/blocks/x1", b"hello world")
-    await s.put("ws/a/blocks/x0", [b"hel", bytearray(b"lo"), memoryview(b" there")])
-    assert await s.get("ws/a/blocks/x0") == b"hello there"
-    assert await s.get("ws/a/blocks/x1", 6, 11) == b"world"
-    assert await s.get("ws/a/blocks/x1", 6) == b"world"
-    with pytest.raises(AlreadyExists):
-        await s.put("ws/a/blocks/x1", b"other", create_only=True)
-    assert await s.get("ws/a/blocks/x1") == b"hello world"
-    await s.put("ws/a/blocks/x1", b"replaced")
-    assert await s.get("ws/a/blocks/x1") == b"replaced"
-    await s.put("ws/b/journal/1", b"j")
-    assert await s.list_keys("ws/a/") == ["ws/a/blocks/x0", "ws/a/blocks/x1"]
-    assert await s.list_keys("ws/") == ["ws/a/blocks/x0", "ws/a/blocks/x1", "ws/b/journal/1"]
-    assert (await s.head("ws/b/journal/1")).size == 1
-    assert await s.head("nope") is None
-    with pytest.raises(NotFound):
-        await s.get("nope")
-    await s.delete("ws/b/journal/1")
-    await s.delete("ws/b/journal/1")
-    assert await s.list_keys("ws/b/") == []
-    for bad in ("", "/abs", "a/../b"):
-        with pytest.raises(StoreError):
-            await s.put(bad, b"x")
-    await s.barrier()
+    await check_contract(LocalStore(str(tmp_path / "store")))
+
+
+async def test_replicated_store_contract(tmp_path):
+    await check_contract(ReplicatedStore([LocalStore(str(tmp_path / f"s{i}"), f"s{i}") for i in range(3)], 2))
 
 
 async def test_a_hung_disk_does_not_hang_the_caller(tmp_path):
