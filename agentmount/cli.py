@@ -123,9 +123,17 @@ def cmd_status(args) -> int:
               f"{err}{lat}, repair queue {st['repair_queue']}")
     ws = out["workspaces"]
     if isinstance(ws, dict):
+        for p in out.get("peers", []):
+            rtt = f", rtt {p['rtt_ms']:g} ms" if p["rtt_ms"] is not None else ""
+            print(f"peer {p['name']} ({p['endpoint']}): {'alive' if p['alive'] else 'UNREACHABLE'}{rtt}"
+                  f", leads {', '.join(p['leads']) or 'nothing'}")
         for name, w in sorted(ws.items()):
-            print(f"workspace {name}: {w['inodes']} inodes, seq {w['seq']} (durable {w['durable_seq']}), "
-                  f"epoch {w['epoch']}, {w['dirty_files']} dirty, {w['open_files']} open"
+            if w.get("role") != "leader":
+                print(f"workspace {name}: {w.get('role', '?')}, leader {w.get('leader') or 'unknown'}, "
+                      f"epoch {w['epoch']}, {w['dirty_files']} dirty, {w['open_files']} open")
+                continue
+            print(f"workspace {name}: leader (epoch {w['epoch']}), {w['inodes']} inodes, seq {w['seq']} "
+                  f"(durable {w['durable_seq']}), {w['dirty_files']} dirty, {w['open_files']} open"
                   + (f", JOURNAL ERROR {w['journal_error']}" if w["journal_error"] else ""))
         print(f"write buffer {out['write_buffer_bytes']} B, uploads in flight {out['uploads_in_flight']}, "
               f"memory cache {out['memory_cache_bytes']} B")

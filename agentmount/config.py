@@ -15,6 +15,8 @@ from typing import Any
 from agentmount.errors import ConfigError
 
 WORKSPACE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PEER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ENDPOINT_RE = re.compile(r"^(tcp://(\*|[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(\d{1,5}|\*)|ipc://.+)$")
 
 
 @dataclass
@@ -24,6 +26,21 @@ class NodeConfig:
     listen: str | None = None
     secret_key: str | None = None
     public_key: str | None = None
+
+
+@dataclass
+class PeerConfig:
+    name: str
+    endpoint: str
+    public_key: str
+
+
+@dataclass
+class LeaseSettings:
+    duration_s: float = 5.0
+    renew_s: float = 1.5
+    failover_timeout_s: float = 30.0
+    invalidate_timeout_s: float = 2.0
 
 
 @dataclass
@@ -80,6 +97,8 @@ class Config:
     fs: FsConfig
     log: LogConfig
     workspaces: list[str] = field(default_factory=list)
+    peers: list[PeerConfig] = field(default_factory=list)
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
     write_quorum: int = 1
     hedge_ms: int = 50
     health_interval_s: float = 1.0
@@ -131,7 +150,13 @@ _LOG = {"level": lambda v: v in ("debug", "info", "warning", "error"), "file": _
 _REPL = {"write_quorum": _positive_int, "hedge_ms": lambda v: _positive_int(v) and v <= 60000,
          "health_interval_s": lambda v: _nonneg_num(v) and 0.05 <= v <= 3600}
 _WS = {"name": lambda v: isinstance(v, str) and bool(WORKSPACE_NAME_RE.match(v))}
-_TOP = {"node", "peer", "store", "replication", "cache", "fs", "log", "workspace", "webhook"}
+_PEER = {"name": lambda v: isinstance(v, str) and bool(PEER_NAME_RE.match(v)), "endpoint": _str,
+         "public_key": _str}
+_LEASE = {"duration_s": lambda v: _nonneg_num(v) and 0.2 <= v <= 600,
+          "renew_s": lambda v: _nonneg_num(v) and v >= 0.05,
+          "failover_timeout_s": lambda v: _nonneg_num(v) and 0.5 <= v <= 3600,
+          "invalidate_timeout_s": lambda v: _nonneg_num(v) and 0.05 <= v <= 600}
+_TOP = {"node", "peer", "lease", "store", "replication", "cache", "fs", "log", "workspace", "webhook"}
 _HINT = {
     "block_size_kb": "a power of two between 64 and 16384",
     "chunk_size_mb": "a power of two between 1 and 1024",
@@ -185,8 +210,12 @@ def parse(text: str, path: str | None = None) -> Config:
     node_t = _check_table("node", raw.get("node", {}), _NODE, ("data_dir",))
     node = NodeConfig(**node_t)
     node.data_dir = os.path.abspath(os.path.expanduser(node.data_dir))
-    if "peer" in raw:
-        raise ConfigError("peer: several peers are not supported by this version (single-peer mode only)")
+    peers = _parse_peers(raw.get("peer", []), node)
+    lease_t = _check_table("lease", raw.get("lease", {}), _LEASE)
+    lease = LeaseSettings(**{k: float(v) for k, v in lease_t.items()})
+    if lease.renew_s > lease.duration_s / 2:
+        raise ConfigError(f"lease.renew_s: {lease.renew_s:g} must be at most half of lease.duration_s "
+                          f"({lease.duration_s:g})")
     if "webhook" in raw:
         raise ConfigError("webhook: webhooks are not supported by this version")
     stores_raw = raw.get("store")
@@ -243,9 +272,54 @@ def parse(text: str, path: str | None = None) -> Config:
         if t["name"] in workspaces:
             raise ConfigError(f"workspace[{i}].name: duplicate workspace {t['name']!r}")
         workspaces.append(t["name"])
-    return Config(node=node, stores=stores, cache=cache, fs=fs, log=log, workspaces=workspaces, write_quorum=wq,
+    return Config(node=node, stores=stores, cache=cache, fs=fs, log=log, workspaces=workspaces, peers=peers,
+                  lease=lease, write_quorum=wq,
                   hedge_ms=repl.get("hedge_ms", 50), health_interval_s=float(repl.get("health_interval_s", 1.0)),
                   path=path)
+
+
+def _parse_peers(peers_raw: Any, node: NodeConfig) -> list[PeerConfig]:
+    """`[[peer]]` tables, and the `[node]` keys they require (listen, this peer's key pair)."""
+    from agentmount.peer.keys import KeyFormatError, load_key, public_from_secret
+    if not isinstance(peers_raw, list):
+        raise ConfigError("peer: must be an array of tables ([[peer]])")
+    peers: list[PeerConfig] = []
+    seen: dict[str, str] = {}
+    for i, p in enumerate(peers_raw):
+        t = _check_table(f"peer[{i}]", p, _PEER, ("name", "endpoint", "public_key"))
+        if t["name"] == node.name:
+            raise ConfigError(f"peer[{i}].name: {t['name']!r} is this peer's own name ([node] name)")
+        if any(q.name == t["name"] for q in peers):
+            raise ConfigError(f"peer[{i}].name: duplicate peer name {t['name']!r}")
+        if not ENDPOINT_RE.match(t["endpoint"]) or "*" in t["endpoint"]:
+            raise ConfigError(f"peer[{i}].endpoint: invalid value {t['endpoint']!r} "
+                              "(expected tcp://HOST:PORT or ipc://PATH)")
+        try:
+            key = load_key(t["public_key"], f"peer[{i}].public_key")
+        except KeyFormatError as e:
+            raise ConfigError(str(e)) from None
+        if key in seen:
+            raise ConfigError(f"peer[{i}].public_key: the same key as peer {seen[key]!r}")
+        seen[key] = t["name"]
+        peers.append(PeerConfig(name=t["name"], endpoint=t["endpoint"], public_key=key))
+    if node.listen is not None and not ENDPOINT_RE.match(node.listen):
+        raise ConfigError(f"node.listen: invalid value {node.listen!r} (expected tcp://HOST:PORT or ipc://PATH)")
+    if not peers:
+        return peers
+    for k in ("listen", "secret_key", "public_key"):
+        if getattr(node, k) is None:
+            raise ConfigError(f"node.{k}: required when [[peer]]s are listed")
+    try:
+        secret = load_key(node.secret_key, "node.secret_key")
+        public = load_key(node.public_key, "node.public_key")
+        if public_from_secret(secret) != public:
+            raise ConfigError("node.public_key: does not belong to node.secret_key")
+    except KeyFormatError as e:
+        raise ConfigError(str(e)) from None
+    if public in seen:
+        raise ConfigError(f"peer: peer {seen[public]!r} has this peer's own public key")
+    node.secret_key, node.public_key = secret, public
+    return peers
 
 
 def load(path: str | None) -> Config:

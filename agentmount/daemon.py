@@ -235,6 +235,8 @@ async def _main(cfg: Config, mp: str, ready_fd: int | None) -> int:
     import pyfuse3
 
     from agentmount.fuse.ops import Operations, mount_options
+    from agentmount.meta.peered import leads_info
+    from agentmount.peer.node import PeerNode
     from agentmount.vfs.vfs import VFS
 
     store = open_store(cfg)
@@ -252,7 +254,13 @@ async def _main(cfg: Config, mp: str, ready_fd: int | None) -> int:
         except StoreError as e:
             raise MountError(_store_error(cfg, e)) from None
         await nursery.start(store.run)
-        vfs = VFS(cfg, store, blockio, nursery)
+        node = PeerNode(cfg)
+        try:
+            await nursery.start(node.run)
+        except Exception as e:  # noqa: BLE001 - a bind error, bad keys: one line to the caller
+            raise MountError(f"peer endpoint {cfg.node.listen}: {e}") from None
+        vfs = VFS(cfg, store, blockio, nursery, node)
+        node.ping_info = lambda sender: leads_info({n: w.meta for n, w in vfs.workspaces.items()}, sender)
         try:
             await vfs.load_workspaces()
         except StoreError as e:
@@ -262,6 +270,8 @@ async def _main(cfg: Config, mp: str, ready_fd: int | None) -> int:
             pyfuse3.init(ops, mp, mount_options(f"agentmount:{cfg.node.name}"))
         except RuntimeError as e:
             raise MountError(f"cannot mount {mp}: {e}") from None
+        vfs.inval_inode = _inval_inode
+        vfs.inval_entry = _inval_entry
         stopping = False
         try:
             await nursery.start(control.serve, control.socket_path(cfg.node.data_dir), vfs)
@@ -289,9 +299,30 @@ async def _main(cfg: Config, mp: str, ready_fd: int | None) -> int:
         finally:
             with trio.CancelScope(shield=True):
                 await vfs.shutdown()
+                vfs.inval_inode = vfs.inval_entry = None
                 pyfuse3.close(unmount=True)
+                if node.multi:
+                    # Hand leadership over at once instead of letting the leases run out.
+                    with trio.move_on_after(cfg.lease.invalidate_timeout_s):
+                        await node.leases.release_all()
                 log.warning("unmounted %s%s", mp, " (signal)" if stopping else "")
         nursery.cancel_scope.cancel()
     with trio.CancelScope(shield=True):
         await store.aclose()
     return 0
+
+
+def _inval_inode(gino: int, attr_only: bool) -> None:
+    import pyfuse3
+    try:
+        pyfuse3.invalidate_inode(gino, attr_only)
+    except (OSError, FileNotFoundError):
+        pass   # the kernel no longer knows it
+
+
+def _inval_entry(gparent: int, name: bytes) -> None:
+    import pyfuse3
+    try:
+        pyfuse3.invalidate_entry(gparent, name)
+    except (OSError, FileNotFoundError):
+        pass

@@ -26,3 +26,8 @@ class ConfigError(Exception):
 
 class MountError(Exception):
     """The filesystem cannot be mounted; the message is the one-line reason."""
+
+
+class Deposed(Exception):
+    """This peer no longer leads the workspace (its lease lapsed or moved): the operation was
+    not applied here, or not made durable, and must be retried at the new leader."""

@@ -51,8 +51,11 @@ class Operations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
         e.generation = 0
-        e.entry_timeout = self.entry_timeout
-        e.attr_timeout = self.attr_timeout
+        if a.cache:
+            e.entry_timeout = self.entry_timeout
+            e.attr_timeout = self.attr_timeout
+        else:
+            e.entry_timeout = e.attr_timeout = 0
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid = a.uid
@@ -84,7 +87,7 @@ class Operations(pyfuse3.Operations):
             # workspaces also appear through the control socket.
             e2 = pyfuse3.EntryAttributes()
             e2.st_ino = 0
-            e2.entry_timeout = self.entry_timeout
+            e2.entry_timeout = self.entry_timeout if self.vfs.cacheable(parent_inode) else 0
             return e2
 
     async def forget(self, inode_list):
@@ -153,12 +156,12 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def open(self, inode, flags, ctx):
         fh = await self.vfs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.vfs.cacheable(inode))
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         fh, attr = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._ref(attr)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=attr.cache), self._ref(attr)
 
     @_errors
     async def read(self, fh, off, size):

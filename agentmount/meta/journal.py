@@ -16,13 +16,14 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import msgpack
 import trio
 
 from agentmount.chunks import block
 from agentmount.chunks.layout import block_key
-from agentmount.errors import FsError
+from agentmount.errors import Deposed, FsError
 from agentmount.meta.state import NamespaceState
 from backend.store import NotFound, ObjectStore, StoreError
 
@@ -163,6 +164,10 @@ class Journal:
         self.segments_written = 0
         self.put_seconds = 0.0       # time spent writing segments (for status)
         self.closed = False
+        # Fencing: while it returns False (the lease lapsed) nothing more is written, and a
+        # segment whose put ends after that is never acknowledged (waiters get Deposed).
+        self.fence: "Callable[[], bool] | None" = None
+        self.deposed = False
 
     def append(self, rec: dict) -> int:
         """Stamp `rec` with the next seq and queue it for the next segment."""
@@ -184,11 +189,15 @@ class Journal:
             seq = self.last_seq
         if self.durable_seq >= seq:
             return
+        if self.deposed:
+            raise Deposed(self.ws)
         self._urgent = True
         self._urgent_ev.set()
         self._wake.set()
         with trio.move_on_after(self.timeout) as scope:
             while self.durable_seq < seq:
+                if self.deposed:
+                    raise Deposed(self.ws)
                 ev = self._progress
                 await ev.wait()
         if scope.cancelled_caught:
@@ -220,6 +229,9 @@ class Journal:
             key = segment_key(self.ws, self.epoch, batch[0]["seq"])
             started = trio.current_time()
             while True:
+                if self.fence is not None and not self.fence():
+                    self._depose()
+                    return
                 try:
                     with trio.fail_after(self.timeout):
                         await self.store.put(key, data)
@@ -231,14 +243,27 @@ class Journal:
                     log.error("journal segment %s not written (%s); retrying", key, self.error)
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
+            if self.fence is not None and not self.fence():
+                self._depose()   # written after the lease lapsed: never acknowledged
+                return
             self.segments_written += 1
             self.put_seconds += trio.current_time() - started
             self.durable_seq = batch[-1]["seq"]
             ev, self._progress = self._progress, trio.Event()
             ev.set()
 
+    def _depose(self) -> None:
+        self.deposed = True
+        self.error = "no longer the leader"
+        self._pending = []
+        ev, self._progress = self._progress, trio.Event()
+        ev.set()
+
     async def close(self) -> None:
         """Flush everything pending and stop the committer once drained."""
+        if self.deposed:
+            self.closed = True
+            return
         await self.wait_durable()
         self.closed = True
         self._wake.set()

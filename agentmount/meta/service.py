@@ -17,7 +17,7 @@ from typing import Awaitable, Callable
 import trio
 
 from agentmount.chunks.layout import Slice, slice_block_keys
-from agentmount.errors import FsError
+from agentmount.errors import Deposed, FsError
 from agentmount.meta import journal as jr
 from agentmount.meta.state import ROOT_INO, Inode, NamespaceState, chunk_digest
 from backend.store import ObjectStore
@@ -116,6 +116,17 @@ class NamespaceService(abc.ABC):
     @abc.abstractmethod
     async def readdir(self, ino: int) -> list[tuple[bytes, int]]: ...
 
+    async def readdir_plus(self, ino: int) -> list[tuple[bytes, int, Inode | None]]:
+        """Entries with their inodes (None where not known here)."""
+        return [(n, i, self.cached(i)) for n, i in await self.readdir(ino)]
+
+    async def open(self, ino: int) -> Inode:
+        """The inode, fresh, for an open (a remote service also notes that this peer holds it open)."""
+        return await self.getattr(ino)
+
+    async def closed(self, ino: int) -> None:
+        """This peer closed its last handle on `ino`."""
+
     @abc.abstractmethod
     async def getxattr(self, ino: int, name: bytes) -> bytes: ...
 
@@ -130,8 +141,8 @@ class NamespaceService(abc.ABC):
 
     @abc.abstractmethod
     async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int,
-                           inline: dict[str, bytes] | None = None) -> int:
-        ...
+                           inline: dict[str, bytes] | None = None, durable: bool = False) -> int:
+        """Commit written slices; with `durable`, return once the record is durable."""
 
     @abc.abstractmethod
     async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice], drop: list[Slice]) -> int:
@@ -163,6 +174,12 @@ class LocalNamespace(NamespaceService):
         self._gc_wake = trio.Event()
         self._snapshot_lock = trio.Lock()
         self.blocks_deleted = 0
+        # Set by a leader: raises Deposed once its lease is gone (checked before every change).
+        self.fence: Callable[[], None] | None = None
+        # The request id the next change carries (set by the caller right before a change;
+        # the change methods do not await before committing, so it cannot leak to another).
+        self.current_rid: bytes | None = None
+        self.strict_inodes = False   # with peers: a write to an unknown inode is an error
         self.on_gc: Callable[[str], object] | None = None
         # Awaited before a snapshot: returns the inline-committed blocks (key -> bytes) not yet
         # durable as objects, which the snapshot carries since it lets their segments go.
@@ -172,8 +189,13 @@ class LocalNamespace(NamespaceService):
     def _node(self, ino: int) -> Inode:
         node = self.state.inodes.get(ino)
         if node is None:
-            raise FsError(errno.ENOENT)
+            self._missing(ino)
         return node
+
+    def _missing(self, ino: int) -> None:
+        if self.state.lost and self.state.lost_ino(ino):
+            raise FsError(errno.EIO, f"inode {ino} of {self.ws} was lost in a leader failover")
+        raise FsError(errno.ENOENT)
 
     def _dir(self, ino: int) -> Inode:
         node = self._node(ino)
@@ -184,6 +206,13 @@ class LocalNamespace(NamespaceService):
         return node
 
     def _commit(self, rec: dict) -> int:
+        if self.fence is not None:
+            self.fence()
+        if self.journal.deposed:
+            raise Deposed(self.ws)
+        rid, self.current_rid = self.current_rid, None
+        if rid is not None:
+            rec["rid"] = rid
         rec.setdefault("t", jr.now_ns())
         seq = self.journal.append(rec)
         dropped = self.state.apply(rec)
@@ -193,6 +222,10 @@ class LocalNamespace(NamespaceService):
         return seq
 
     # -- queries -----------------------------------------------------------------------
+    def outcome(self, rid: bytes) -> tuple[int, int] | None:
+        """(seq, inode) of the record request `rid` made, if it was applied (a retry)."""
+        return self.state.rids.get(rid)
+
     def cached(self, ino: int) -> Inode | None:
         return self.state.inodes.get(ino)
 
@@ -394,10 +427,19 @@ class LocalNamespace(NamespaceService):
 
     # -- data --------------------------------------------------------------------------
     async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int,
-                           inline: dict[str, bytes] | None = None) -> int:
+                           inline: dict[str, bytes] | None = None, durable: bool = False) -> int:
         """Commit uploaded slices; `inline` carries the bytes of small slices (sid -> data) whose
         blocks upload after the commit (recovery re-stores them from the journal)."""
+        seq = self._commit_write(ino, slices, end, mtime, inline)
+        if durable:
+            await self.sync(seq)
+        return seq
+
+    def _commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int,
+                      inline: dict[str, bytes] | None) -> int:
         node = self.state.inodes.get(ino)
+        if node is None and self.strict_inodes:
+            self._missing(ino)
         if node is None:
             # Freed while the write was in flight: its blocks are garbage.
             self._garbage.append((self.journal.last_seq, trio.current_time() + self.gc_grace,

@@ -22,6 +22,8 @@ from agentmount.chunks.layout import Slice, truncate_slices
 
 ROOT_INO = 1
 DIR_SIZE = 4096
+RIDS_KEPT = 20000
+EPOCH_INO_GAP = 1 << 20   # inode numbers skipped at each new leadership (2^40 last 10^6 failovers)   # request ids remembered for retries (across failovers: snapshots carry them)
 
 
 class Inode:
@@ -83,12 +85,18 @@ class NamespaceState:
         root.parent = ROOT_INO
         self.inodes: dict[int, Inode] = {ROOT_INO: root}
         self.dirs: dict[int, dict[bytes, int]] = {ROOT_INO: {}}
+        # Request id -> (seq, inode) of the record it made: a retried request (same id, maybe at
+        # a new leader after failover) gets the first outcome instead of being applied twice.
+        self.rids: dict[bytes, tuple[int, int]] = {}
+        self.lost: list[tuple[int, int]] = []    # inode ranges skipped at new leaderships
 
     # -- snapshots -------------------------------------------------------------------
     def to_obj(self) -> dict:
         return {"v": 1, "ws": self.ws, "seq": self.seq, "next_ino": self.next_ino, "chunk_size": self.chunk_size,
                 "inodes": [i.to_list() for i in self.inodes.values()],
-                "dirs": [[d, list(e.items())] for d, e in self.dirs.items()]}
+                "dirs": [[d, list(e.items())] for d, e in self.dirs.items()],
+                "rids": [[r, s, i] for r, (s, i) in self.rids.items()],
+                "lost": [list(x) for x in self.lost]}
 
     @staticmethod
     def from_obj(o: dict) -> "NamespaceState":
@@ -102,6 +110,8 @@ class NamespaceState:
             i = Inode.from_list(v)
             s.inodes[i.ino] = i
         s.dirs = {d: dict((bytes(n), ino) for n, ino in ents) for d, ents in o["dirs"]}
+        s.rids = {bytes(r): (sq, i) for r, sq, i in o.get("rids", ())}
+        s.lost = [(lo, hi) for lo, hi in o.get("lost", ())]
         return s
 
     # -- queries -----------------------------------------------------------------------
@@ -123,7 +133,24 @@ class NamespaceState:
         fn = getattr(self, "_op_" + rec["op"])
         dropped = fn(rec) or []
         self.seq = rec["seq"]
+        rid = rec.get("rid")
+        if rid is not None:
+            rids = self.rids
+            rids[rid] = (rec["seq"], rec.get("ino", 0))
+            if len(rids) > RIDS_KEPT:
+                del rids[next(iter(rids))]
         return dropped
+
+    def _op_epoch(self, r: dict) -> None:
+        """A new leader's first record: fences records of older epochs from this seq on, and
+        skips inode numbers a deposed leader may have handed out in records that never became
+        durable, so a peer still holding one gets an error instead of another file."""
+        self.lost.append((self.next_ino, self.next_ino + EPOCH_INO_GAP))
+        self.next_ino += EPOCH_INO_GAP
+
+    def lost_ino(self, ino: int) -> bool:
+        """Whether `ino` is one a deposed leader may have handed out and lost."""
+        return any(lo <= ino < hi for lo, hi in self.lost)
 
     def _touch_dir(self, d: Inode, t: int) -> None:
         d.mtime = d.ctime = t

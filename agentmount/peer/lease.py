@@ -539,6 +539,13 @@ class LeaseManager:
         st = self._wss.get(workspace)
         return max(st.epoch if st is not None else 0, self.voter.promise(workspace).epoch)
 
+    def observe_epoch(self, workspace: str, epoch: int) -> None:
+        """An epoch seen elsewhere (in the stores, or a leader's reply): the next ballot this
+        peer tries is above it, so a leadership it wins has a higher fencing token."""
+        st = self._ws(workspace)
+        st.ballot = max(st.ballot, epoch)
+        st.epoch = max(st.epoch, epoch)
+
     def _highest_ballot(self, st: _Ws) -> int:
         p = self.voter.promise(st.name)
         return max(st.ballot, p.promised, p.accepted)

@@ -62,6 +62,9 @@ log = logging.getLogger("agentmount.peer")
 Handler = Callable[[str, str, Any, "int | None"], Awaitable[Any]]
 
 
+RETRYABLE_CODES = frozenset({"not_leader"})
+
+
 class PeerError(Exception):
     """Base class of the errors a peer call can raise."""
 
@@ -299,10 +302,14 @@ class RpcServer:
 
     async def _serve_one(self, key: tuple[str, bytes], env: Envelope) -> None:
         try:
+            retryable = False
             try:
                 result = await self._handler(env.sender, env.kind, env.body, env.epoch)
             except RemoteError as e:
                 data = self._error(env, e.code, e.message)
+                # "Ask again later" answers are not remembered: a retry of the same request
+                # must be served afresh once the condition (e.g. no leadership) has changed.
+                retryable = e.code in RETRYABLE_CODES
             except Exception as e:
                 self.stats.errors += 1
                 self._errlog.warning("event=handler_error server=%s peer=%s kind=%s error=%r",
@@ -324,7 +331,8 @@ class RpcServer:
         finally:
             self._limit.release()
         routes = self._running.pop(key, [])
-        self._cache.put(key, data)
+        if not retryable:
+            self._cache.put(key, data)
         self.stats.replies += 1
         for routing in routes:
             await self._send(routing, data)

@@ -17,6 +17,7 @@ import os
 import stat as st
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import trio
 
@@ -26,11 +27,14 @@ from agentmount.chunks.layout import block_key
 from agentmount.config import Config
 from agentmount.errors import FsError
 from agentmount.meta import workspaces as wsreg
-from agentmount.meta.service import NamespaceService, check_name
+from agentmount.meta import journal as jr
+from agentmount.meta.peered import KernelHooks, PeeredNamespace
+from agentmount.meta.service import LocalNamespace, check_name
 from agentmount.meta.state import ROOT_INO, Inode
 from agentmount.vfs.compactor import Compactor
 from agentmount.vfs.reader import Reader
 from agentmount.vfs.writer import DirtyFile, WriteBudget
+from agentmount.peer.node import PeerNode
 from backend.store import ObjectStore, StoreError
 
 log = logging.getLogger("agentmount.vfs")
@@ -57,12 +61,13 @@ class Attr:
     mtime: int
     ctime: int
     version: int
+    cache: bool = True      # whether the kernel may cache it (not on a follower: see meta.peered)
 
 
 class Workspace:
     """A mounted workspace: its namespace service, buffers, reader and background tasks."""
 
-    def __init__(self, name: str, index: int, meta: NamespaceService, info: dict) -> None:
+    def __init__(self, name: str, index: int, meta: PeeredNamespace, info: dict) -> None:
         self.name = name
         self.index = index
         self.meta = meta
@@ -114,8 +119,15 @@ class DirHandle:
 class VFS:
     """See module docstring."""
 
-    def __init__(self, cfg: Config, store: ObjectStore, blockio: BlockIO, nursery: trio.Nursery) -> None:
+    def __init__(self, cfg: Config, store: ObjectStore, blockio: BlockIO, nursery: trio.Nursery,
+                 node: PeerNode) -> None:
         self.cfg = cfg
+        self.node = node
+        self.multi = node.multi
+        # Set by the FUSE side: kernel cache invalidation, (global inode, attr_only) and
+        # (global parent, name); both may block, so they are called in worker threads.
+        self.inval_inode: "Callable[[int, bool], None] | None" = None
+        self.inval_entry: "Callable[[int, bytes], None] | None" = None
         self.store = store
         self.blockio = blockio
         self.nursery = nursery
@@ -134,9 +146,14 @@ class VFS:
         # Slices up to this size commit their bytes inline in the journal record, so a small
         # file's close() costs one durable put (the journal segment) instead of two.
         self.inline_max = min(INLINE_MAX, self.bsize)
+        if self.multi:
+            # Inline bytes live in the leader's journal until uploaded; a reader on another
+            # peer could not fetch them, so with peers every block is stored before its commit.
+            self.inline_max = 0
         self._ws_lock = trio.Lock()
         self.write_calls = 0
         self.bytes_written = 0
+        self._refreshed = -1e9
 
     # -- workspaces --------------------------------------------------------------------
     async def load_workspaces(self) -> None:
@@ -144,18 +161,46 @@ class VFS:
         known = await wsreg.list_workspaces(self.store)
         for name in self.cfg.workspaces:
             if name not in known:
-                known[name] = await wsreg.create_workspace(self.store, name, uid=self.uid, gid=self.gid,
-                                                           chunk_size=self.cfg.chunk_size)
+                try:
+                    known[name] = await wsreg.create_workspace(self.store, name, uid=self.uid, gid=self.gid,
+                                                               chunk_size=self.cfg.chunk_size)
+                except FsError as e:
+                    if e.errno != errno.EEXIST:
+                        raise
+                    known = await wsreg.list_workspaces(self.store)   # another peer made it first
         for name in sorted(known):
             await self._open_ws(name, known[name])
 
+    async def refresh_workspaces(self) -> None:
+        """Open workspaces other peers created since (with peers; rate-limited by the caller)."""
+        known = await wsreg.list_workspaces(self.store)
+        async with self._ws_lock:
+            for name in sorted(known):
+                if name not in self.workspaces:
+                    await self._open_ws(name, known[name])
+
     async def _open_ws(self, name: str, info: dict) -> Workspace:
-        meta, loaded = await wsreg.open_local(self.store, name, info, self.cfg)
-        meta.on_gc = self._on_gc
-        ws = Workspace(name, self._next_index, meta, info)
+        ws = Workspace(name, self._next_index, None, info)  # type: ignore[arg-type]
         self._next_index += 1
+        meta = PeeredNamespace(self.cfg, self.store, self.node, name, info, _Kernel(self, ws),
+                               lambda local, loaded: self._on_lead(ws, local, loaded))
+        ws.meta = meta
+        meta.on_gc = self._on_gc
         meta.before_snapshot = lambda: self._inline_barrier(ws)
-        await self.nursery.start(self._run_ws, ws)
+        self.workspaces[name] = ws
+        self.by_index[ws.index] = ws
+        try:
+            await self.nursery.start(self._run_ws, ws)
+            if not self.multi:
+                await meta.wait_ready()
+        except BaseException:
+            del self.workspaces[name]
+            del self.by_index[ws.index]
+            raise
+        return ws
+
+    async def _on_lead(self, ws: Workspace, local: LocalNamespace, loaded: jr.Loaded) -> None:
+        """This peer now leads `ws` and holds its state: finish what a crash left undone."""
         if loaded.inline:
             # Blocks committed inline whose upload a crash cut short: store them from the journal.
             live = {s.sid for s in loaded.state.all_slices()}
@@ -163,14 +208,27 @@ class VFS:
                 sid = key.rsplit("/", 1)[1].rsplit("_", 1)[0]
                 if sid in live and not await self._block_ok(key):
                     await self.blockio.put(key, data)
-        # Inodes left unlinked-but-open by a crash are orphans now: free them.
-        for ino in meta.orphans():
-            await meta.free(ino)
-        self.workspaces[name] = ws
-        self.by_index[ws.index] = ws
-        log.info("workspace %s: snapshot %d + %d records replayed, epoch %d", name, loaded.snapshot_seq,
-                 loaded.replayed, meta.stats()["epoch"])
-        return ws
+        orphans = local.orphans()
+        if orphans and self.multi:
+            # Other peers may still hold them open: they re-register with us within the
+            # failover bound; what nobody claims by then is freed.
+            assert ws.nursery is not None
+            ws.nursery.start_soon(self._free_unclaimed, ws, orphans)
+        elif orphans:
+            # Inodes left unlinked-but-open by a crash are orphans now: free them.
+            for ino in orphans:
+                await local.free(ino)
+        log.info("workspace %s: snapshot %d + %d records replayed, epoch %d", ws.name, loaded.snapshot_seq,
+                 loaded.replayed, local.journal.epoch)
+
+    async def _free_unclaimed(self, ws: Workspace, orphans: list[int]) -> None:
+        await trio.sleep(self.cfg.lease.failover_timeout_s)
+        for ino in orphans:
+            if not ws.in_use(ino):
+                try:
+                    await ws.meta.free(ino)
+                except FsError as e:
+                    log.warning("workspace %s: freeing orphan %d failed: %s", ws.name, ino, e)
 
     async def _block_ok(self, key: str) -> bool:
         try:
@@ -190,7 +248,9 @@ class VFS:
                                          self.cfg.fs.compact_slices)
                 n.start_soon(ws.meta.run)
                 n.start_soon(ws.compactor.run)
-                n.start_soon(self._sweeper, ws)
+                if not self.multi:
+                    # With peers, blocks being written on another peer look unreferenced here.
+                    n.start_soon(self._sweeper, ws)
                 n.start_soon(self._inline_uploader, ws)
                 task_status.started()
 
@@ -305,7 +365,7 @@ class VFS:
         if d is not None and not d.empty:
             size, mtime, ctime = d.size, d.mtime, max(node.ctime, d.mtime)
         return Attr(ws.gino(node.ino), node.mode, node.nlink, node.uid, node.gid, node.rdev, size, node.atime,
-                    mtime, ctime, node.version)
+                    mtime, ctime, node.version, ws.meta.kernel_cacheable)
 
     def _ws_root_attr(self, ws: Workspace, node: Inode) -> Attr:
         a = self._attr(ws, node)
@@ -322,7 +382,11 @@ class VFS:
                 return self.root_attr()
             if len(name) > 255:
                 raise FsError(errno.ENAMETOOLONG)
-            ws = self.workspaces.get(name.decode("utf-8", "surrogateescape"))
+            wname = name.decode("utf-8", "surrogateescape")
+            ws = self.workspaces.get(wname)
+            if ws is None and self.multi and wsreg.valid_name(wname):
+                await self._maybe_refresh()
+                ws = self.workspaces.get(wname)
             if ws is None:
                 raise FsError(errno.ENOENT)
             return self._attr(ws, await ws.meta.getattr(ROOT_INO))
@@ -330,6 +394,21 @@ class VFS:
         if name == b".." and ino == ROOT_INO:
             return self.root_attr()
         return self._attr(ws, await ws.meta.lookup(ino, name))
+
+    async def _maybe_refresh(self) -> None:
+        now = trio.current_time()
+        if now - self._refreshed < 1.0:
+            return
+        self._refreshed = now
+        try:
+            await self.refresh_workspaces()
+        except (StoreError, FsError) as e:
+            log.warning("listing workspaces failed: %s", e)
+
+    def cacheable(self, gino: int) -> bool:
+        """Whether the kernel may keep cached data and attributes of `gino`."""
+        ws = self.by_index.get(gino >> WS_SHIFT)
+        return ws is None or ws.meta.kernel_cacheable
 
     async def getattr(self, gino: int) -> Attr:
         if gino == MOUNT_ROOT:
@@ -444,7 +523,7 @@ class VFS:
         if gino == MOUNT_ROOT:
             raise FsError(errno.EISDIR)
         ws, ino = self._resolve(gino)
-        node = await ws.meta.getattr(ino)
+        node = await ws.meta.open(ino)
         if node.is_dir:
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
@@ -515,11 +594,12 @@ class VFS:
             # Another task may have committed these bytes while we waited for the lock;
             # a durable caller then still waits for the journal below.
             if not d.empty:
-                seq = await self._commit_locked(ws, ino, d)
+                seq = await self._commit_locked(ws, ino, d, durable)
+                return
         if durable:
             await ws.meta.sync(seq)
 
-    async def _commit_locked(self, ws: Workspace, ino: int, d: DirtyFile) -> int:
+    async def _commit_locked(self, ws: Workspace, ino: int, d: DirtyFile, durable: bool = False) -> int:
         batch = await d.collect(self.inline_max)
         slices = [(p.chunk, p.as_slice()) for p in batch]
         cs = ws.meta.chunk_size
@@ -531,7 +611,7 @@ class VFS:
             self.blockio.pinned[key] = data
             ws.inline_pending.add(key)
         try:
-            seq = await ws.meta.commit_write(ino, slices, end, d.mtime, inline)
+            seq = await ws.meta.commit_write(ino, slices, end, d.mtime, inline, durable=durable)
         except BaseException:
             for key in keys:
                 self.blockio.pinned.pop(key, None)
@@ -637,6 +717,7 @@ class VFS:
             ws.opens[ino] = n
         else:
             ws.opens.pop(ino, None)
+            await ws.meta.closed(ino)
             d = ws.dirty.get(ino)
             if d is not None and (d.empty or err is not None):
                 del ws.dirty[ino]
@@ -712,11 +793,13 @@ class VFS:
         if h is None:
             raise FsError(errno.EBADF)
         if h.entries is None or off == 0:
+            if h.ws is None and self.multi:
+                await self._maybe_refresh()
             if h.ws is None:
                 h.entries = [(b".", MOUNT_ROOT), (b"..", MOUNT_ROOT)] + [
                     (n.encode("utf-8", "surrogateescape"), ws.index) for n, ws in sorted(self.workspaces.items())]
             else:
-                h.entries = await h.ws.meta.readdir(h.ino)
+                h.entries = await h.ws.meta.readdir_plus(h.ino)
         out = []
         ents = h.entries
         if h.ws is None:
@@ -734,15 +817,17 @@ class VFS:
             return out
         ws = h.ws
         meta = ws.meta
+        local = meta.kernel_cacheable
         for i in range(off, len(ents)):
-            name, ino = ents[i]
+            name, ino, node = ents[i]
             if name == b"..":
                 if h.ino == ROOT_INO:
                     out.append((name, self.root_attr(), i + 1))
                     continue
-            elif name != b"." and meta.cached_entry(h.ino, name) != ino:
+            elif local and name != b"." and meta.cached_entry(h.ino, name) != ino:
                 continue  # removed since the snapshot
-            node = meta.cached(ino)
+            if local or node is None:
+                node = meta.cached(ino)
             if node is None:
                 continue
             out.append((name, self._attr(ws, node), i + 1))
@@ -757,7 +842,7 @@ class VFS:
             await h.ws.meta.sync()
 
     async def statfs(self) -> dict:
-        total_inodes = sum(ws.meta.stats()["inodes"] for ws in self.workspaces.values())
+        total_inodes = sum(ws.meta.stats().get("inodes", 0) for ws in self.workspaces.values())
         root = getattr(self.store, "root", None)
         try:
             sv = await trio.to_thread.run_sync(os.statvfs, root) if root else None
@@ -775,6 +860,8 @@ class VFS:
     def status(self) -> dict:
         return {
             "pid": os.getpid(),
+            "peers": self.node.status(),
+            "refused_connections": self.node.refused(),
             "workspaces": {
                 n: {**ws.meta.stats(),
                     "dirty_files": sum(1 for d in ws.dirty.values() if not d.empty),
@@ -792,3 +879,50 @@ class VFS:
             "disk_cache_bytes": self.blockio.disk.used,
             "store_health": self.store.health(),
         }
+
+
+class _Kernel(KernelHooks):
+    """The kernel side of one workspace, as its namespace service sees it (local inodes)."""
+
+    def __init__(self, vfs: VFS, ws: Workspace) -> None:
+        self.vfs = vfs
+        self.ws = ws
+
+    async def inval(self, attrs: list[int], data: list[int], entries: list[tuple[int, bytes]]) -> None:
+        vfs, ws = self.vfs, self.ws
+        ii, ie = vfs.inval_inode, vfs.inval_entry
+        if ii is None or ie is None:
+            return
+        dset = set(data)
+        todo_i = [(ws.gino(i), i not in dset) for i in set(attrs) | dset if ws.lookups.get(i) or ws.opens.get(i)]
+        todo_e = [(ws.gino(p) if p != ROOT_INO else ws.gino(ROOT_INO), n) for p, n in entries
+                  if ws.lookups.get(p) or p == ROOT_INO]
+        if not todo_i and not todo_e:
+            return
+
+        def run() -> None:
+            for gino, attr_only in todo_i:
+                ii(gino, attr_only)
+            for gparent, name in todo_e:
+                ie(gparent, name)
+        await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+
+    async def reset(self) -> None:
+        vfs, ws = self.vfs, self.ws
+        ii, ie = vfs.inval_inode, vfs.inval_entry
+        if ii is None or ie is None:
+            return
+        inos = [ws.gino(i) for i in list(ws.lookups) + list(ws.opens)]
+        name = ws.name.encode("utf-8", "surrogateescape")
+
+        def run() -> None:
+            ie(MOUNT_ROOT, name)
+            for gino in inos:
+                ii(gino, False)
+        await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+
+    def open_inodes(self) -> list[int]:
+        return [i for i, n in self.ws.opens.items() if n > 0]
+
+    def is_open(self, ino: int) -> bool:
+        return self.ws.in_use(ino)

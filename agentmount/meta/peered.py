@@ -1,0 +1,652 @@
+"""A workspace's namespace on a peer that may lead it or follow its leader.
+
+`PeeredNamespace` is the `NamespaceService` the VFS uses for every workspace,
+with or without other peers. It campaigns for the workspace's lease; while
+this peer leads (`LEADER`) it holds the `LocalNamespace` (loaded from the
+stores at the lease's epoch, which it stamps on the journal with an `epoch`
+marker record) and serves followers through a `LeaderRole`. Otherwise
+(`FOLLOWER`) every operation is one RPC to the leader, except what its
+attribute/entry cache answers: that cache is trusted only while the leader
+is heard from (pings) at the epoch and callback generation it was filled
+under, and entries are dropped when the leader says so (`ns.inval`) — which
+it does before the changing call returns. A follower's kernel is given no
+cache timeouts (so nothing stale can outlive a daemon-side invalidation).
+
+Failover: a change carries a request id; if the leader dies or is deposed
+the call is retried, same id, at whichever peer leads next (a replayed id
+gets its first outcome there, see `NamespaceState.rids`) until
+`failover_timeout_s` has passed, then EIO — never a hang.
+
+With no other peers the lease is taken at once and never lapses: the same
+code, and every read goes straight to the local state.
+"""
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from agentmount.chunks.layout import Slice
+from agentmount.config import Config
+from agentmount.errors import Deposed, FsError
+from agentmount.meta import journal as jr
+from agentmount.meta import workspaces as wsreg
+from agentmount.meta.leader import LeaderRole, attr_list
+from agentmount.meta.service import LocalNamespace, NamespaceService
+from agentmount.meta.state import Inode
+from agentmount.peer.lease import Leadership, NotLeader
+from agentmount.peer.node import PeerNode
+from agentmount.peer.rpc import PeerUnavailable, RemoteError
+from agentmount.peer.wire import new_id
+from backend.store import ObjectStore
+
+log = logging.getLogger("agentmount.meta")
+
+CACHE_MAX = 200_000
+
+
+class Role(enum.Enum):
+    ELECTING = "electing"
+    LEADER = "leader"
+    FOLLOWER = "follower"
+
+
+class KernelHooks:
+    """What the namespace asks of the FUSE side (set by the VFS); local inode numbers."""
+
+    async def inval(self, attrs: list[int], data: list[int], entries: list[tuple[int, bytes]]) -> None:
+        return None
+
+    async def reset(self) -> None:
+        return None
+
+    def open_inodes(self) -> list[int]:
+        return []
+
+    def is_open(self, ino: int) -> bool:
+        return False
+
+
+LeadHook = Callable[[LocalNamespace, jr.Loaded], Awaitable[None]]
+
+
+class PeeredNamespace(NamespaceService):
+    """See module docstring."""
+
+    def __init__(self, cfg: Config, store: ObjectStore, node: PeerNode, name: str, info: dict,
+                 kernel: KernelHooks, on_lead: LeadHook) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.node = node
+        self.ws = name
+        self.info = info
+        self.chunk_size = info.get("chunk_size", cfg.chunk_size)
+        self.kernel = kernel
+        self.on_lead = on_lead
+        self.me = node.name
+        self.multi = node.multi
+        self.failover_timeout = cfg.lease.failover_timeout_s
+        self.invalidate_timeout = cfg.lease.invalidate_timeout_s
+        self.role = Role.ELECTING
+        self.lead: Leadership | None = None
+        self.local: LocalNamespace | None = None
+        self.leader: LeaderRole | None = None
+        self._changed = trio.Event()
+        self._ready = trio.Event()
+        self.load_error: BaseException | None = None
+        # follower state
+        self.epoch = 0                   # highest epoch heard of
+        self.cbgen = 0                   # our callback generation at the leader (evictions)
+        self.leader_name: str | None = None
+        self.gen = 0                     # bumped by every invalidation (a fetch racing one is not cached)
+        self.attrs: dict[int, Inode] = {}
+        self.entries: dict[tuple[int, bytes], int] = {}
+        self.slice_cache: dict[tuple[int, int], list[Slice]] = {}
+        self.rpcs = 0
+        self.failovers = 0
+        self.on_gc: Callable[[str], object] | None = None
+        self.before_snapshot = None
+
+    # -- roles ---------------------------------------------------------------------------------
+    def _set_role(self, role: Role) -> None:
+        self.role = role
+        ev, self._changed = self._changed, trio.Event()
+        ev.set()
+
+    @property
+    def kernel_cacheable(self) -> bool:
+        """Whether the kernel may cache attributes and entries of this workspace."""
+        return self.role is Role.LEADER
+
+    def _leading(self) -> LeaderRole | None:
+        lead = self.lead
+        if self.role is Role.LEADER and lead is not None and lead.valid():
+            return self.leader
+        return None
+
+    async def run(self) -> None:
+        """Campaign for the lease and serve while leading, until cancelled."""
+        leases = self.node.leases
+        got = trio.Event()
+        self.node.ns_handlers[self.ws] = self._serve
+
+        def listener(event: str, lead: Leadership) -> None:
+            if lead.workspace == self.ws and event == "acquired":
+                got.set()
+        leases.add_listener(listener)
+        leases.campaign(self.ws)
+        try:
+            while True:
+                lead = leases.leadership(self.ws)
+                if lead is None:
+                    if self.role is not Role.FOLLOWER:
+                        self._set_role(Role.FOLLOWER)
+                    self._ready.set()
+                    got = trio.Event()
+                    await got.wait()
+                    continue
+                await self._lead(lead)
+        finally:
+            self.node.ns_handlers.pop(self.ws, None)
+            leases.stop_campaign(self.ws)
+
+    async def wait_ready(self) -> None:
+        """Until the first role is known (single peer: loaded and leading, or the load error)."""
+        await self._ready.wait()
+        if self.load_error is not None:
+            raise self.load_error
+
+    async def _lead(self, lead: Leadership) -> None:
+        cfg = self.cfg
+        try:
+            loaded = await wsreg.recover(self.store, self.ws, self.info, cfg.chunk_size)
+        except BaseException as e:
+            if not self.multi:
+                self.load_error = e
+                self._ready.set()
+                raise
+            log.error("event=workspace_load_failed ws=%s epoch=%d error=%s", self.ws, lead.epoch, e)
+            await self.node.leases.release(self.ws)
+            await trio.sleep(1.0)
+            self.node.leases.campaign(self.ws)
+            return
+        if loaded.epoch >= lead.epoch:
+            # The stores hold a newer epoch than our lease (peers or data dirs changed): take a
+            # lease above it so the fencing token keeps growing.
+            log.warning("event=epoch_behind_store ws=%s lease_epoch=%d store_epoch=%d", self.ws, lead.epoch,
+                        loaded.epoch)
+            self.node.leases.observe_epoch(self.ws, loaded.epoch)
+            await self.node.leases.release(self.ws)
+            self.node.leases.campaign(self.ws)
+            return
+        journal = jr.Journal(self.store, self.ws, lead.epoch, loaded.state.seq,
+                             window=cfg.fs.commit_window_ms / 1000, timeout=cfg.fs.store_timeout_s)
+        journal.fence = lead.valid
+        local = LocalNamespace(self.store, loaded.state, journal, snapshot_records=cfg.fs.snapshot_records,
+                               gc_grace=cfg.fs.gc_grace_s)
+
+        def fence() -> None:
+            if not lead.valid():
+                raise Deposed(self.ws)
+        local.fence = fence
+        local.strict_inodes = self.multi
+        local.on_gc = self.on_gc
+        local.before_snapshot = self.before_snapshot
+        role = LeaderRole(self.me, local, lead.epoch, send_inval=self._send_inval, kernel_inval=self.kernel.inval,
+                          is_open_here=self.kernel.is_open, invalidate_timeout=self.invalidate_timeout)
+        async with trio.open_nursery() as n:
+            n.start_soon(local.run)
+            try:
+                local._commit({"op": "epoch"})
+                await journal.wait_durable()
+                self.local = local
+                await self.on_lead(local, loaded)
+                if self.multi:
+                    await self._reset_followers(lead.epoch)
+            except Deposed:
+                n.cancel_scope.cancel()
+                return
+            self.lead, self.leader, self.epoch = lead, role, lead.epoch
+            self.leader_name = self.me
+            self._drop_all()
+            self._set_role(Role.LEADER)
+            self._ready.set()
+            log.warning("event=leading ws=%s epoch=%d seq=%d replayed=%d", self.ws, lead.epoch, loaded.state.seq,
+                        loaded.replayed)
+            await lead.lost.wait()
+            log.warning("event=deposed ws=%s epoch=%d reason=%s", self.ws, lead.epoch, lead.lost_reason)
+            journal._depose()
+            self.leader = None
+            self.leader_name = None
+            self._set_role(Role.ELECTING)
+            n.cancel_scope.cancel()
+        self.failovers += 1
+        # Our kernel cached entries and pages while we led: from now on only the new leader
+        # knows, so they go before we answer as a follower.
+        with trio.move_on_after(self.invalidate_timeout):
+            await self.kernel.reset()
+        self._set_role(Role.FOLLOWER)
+
+    async def _reset_followers(self, epoch: int) -> None:
+        """Before serving as a new leader: every reachable peer drops what it cached (bounded)."""
+        with trio.move_on_after(self.invalidate_timeout):
+            async with trio.open_nursery() as n:
+                for peer in self.node.clients:
+                    n.start_soon(self._reset_one, peer, epoch)
+
+    async def _reset_one(self, peer: str, epoch: int) -> None:
+        try:
+            await self.node.call(peer, "ns.reset", {"ws": self.ws, "e": epoch}, timeout=self.invalidate_timeout,
+                                 retries=1)
+        except (PeerUnavailable, RemoteError):
+            pass
+
+    async def _send_inval(self, peer: str, body: dict) -> Any:
+        return await self.node.call(peer, "ns.inval", body, timeout=self.invalidate_timeout, retries=2)
+
+    # -- serving RPCs --------------------------------------------------------------------------
+    async def _serve(self, sender: str, op: str, body: dict) -> Any:
+        if op == "inval":
+            return self._on_inval(sender, body)
+        if op == "reset":
+            return await self._on_reset(sender, body)
+        role = self._leading()
+        if role is None:
+            raise RemoteError("not_leader", f"{self.me} does not lead {self.ws}")
+        try:
+            out = await role.serve(sender, op, body)
+        except FsError as e:
+            raise RemoteError("fs", str(e.errno)) from None
+        except (Deposed, NotLeader):
+            raise RemoteError("not_leader", f"{self.me} no longer leads {self.ws}") from None
+        if self._leading() is not role:
+            raise RemoteError("not_leader", f"{self.me} no longer leads {self.ws}")
+        return {"r": out, "e": role.epoch, "g": role.cbgen.get(sender, 0)}
+
+    def _on_inval(self, sender: str, body: dict) -> bool:
+        e = body.get("e")
+        if not isinstance(e, int) or e < self.epoch:
+            return True     # from a deposed leader: nothing to apply
+        self._adopt(sender, e)
+        self._drop(body.get("a") or [], [tuple(x) for x in body.get("n") or []])
+        return True
+
+    async def _on_reset(self, sender: str, body: dict) -> bool:
+        e = body.get("e")
+        if isinstance(e, int) and e >= self.epoch:
+            self._adopt(sender, e)
+            self._drop_all()
+        return True
+
+    def _adopt(self, leader: str, epoch: int) -> None:
+        if epoch > self.epoch or leader != self.leader_name:
+            new = epoch > self.epoch
+            self.epoch = max(self.epoch, epoch)
+            self.leader_name = leader
+            self.cbgen = 0
+            self._drop_all()
+            if new and self.role is not Role.LEADER and self.multi:
+                self.node.leases.observe_epoch(self.ws, epoch)
+                trio.lowlevel.spawn_system_task(self._reopen, epoch)
+
+    async def _reopen(self, epoch: int) -> None:
+        """After a failover: tell the new leader which inodes we hold open."""
+        inos = self.kernel.open_inodes()
+        if not inos:
+            return
+        try:
+            await self._rpc("reopen", [inos])
+        except FsError as e:
+            log.warning("event=reopen_failed ws=%s epoch=%d error=%s", self.ws, epoch, e)
+
+    # -- follower cache --------------------------------------------------------------------------
+    def _drop(self, inos: list[int], entries: list[tuple[int, bytes]]) -> None:
+        self.gen += 1
+        for ino in inos:
+            self.attrs.pop(ino, None)
+            for k in [k for k in self.slice_cache if k[0] == ino] if self.slice_cache else ():
+                del self.slice_cache[k]
+        for ent in entries:
+            self.entries.pop(ent, None)
+
+    def _drop_all(self) -> None:
+        self.gen += 1
+        self.attrs.clear()
+        self.entries.clear()
+        self.slice_cache.clear()
+
+    def _trusted(self) -> bool:
+        """Whether cached answers may be used now (see module docstring)."""
+        if self.role is not Role.FOLLOWER or self.leader_name is None:
+            return False
+        seen = self.node.seen.get(self.leader_name)
+        if seen is None or trio.current_time() - seen[0] > self.invalidate_timeout:
+            return False
+        info = (seen[2].get("leads") or {}).get(self.ws)
+        if not info or info[0] != self.epoch or info[1] != self.cbgen:
+            if info and (info[0] > self.epoch or (info[0] == self.epoch and info[1] != self.cbgen)):
+                self._drop_all()
+                self.cbgen = info[1] if info[0] == self.epoch else 0
+            return False
+        return True
+
+    def _keep(self, node: Inode, gen: int) -> None:
+        if gen == self.gen and self.role is Role.FOLLOWER:
+            if len(self.attrs) >= CACHE_MAX:
+                self._drop_all()
+                return
+            self.attrs[node.ino] = node
+
+    def _leader_hint(self) -> str | None:
+        hint = self.node.leases.leader_of(self.ws)
+        if hint is not None:
+            return hint
+        best, best_epoch = None, -1
+        for peer, (_, _, info) in self.node.seen.items():
+            v = (info.get("leads") or {}).get(self.ws)
+            if v and self.node.alive(peer) and v[0] > best_epoch:
+                best, best_epoch = peer, v[0]
+        return best
+
+    async def _rpc(self, op: str, a: list, *, change: bool = False, durable: bool = False,
+                   rid: bytes | None = None) -> Any:
+        """One operation at the leader, wherever it is; retried across failovers until the bound."""
+        rid = rid or new_id()
+        deadline = trio.current_time() + self.failover_timeout
+        per_try = 1.0   # re-sends to the same leader join the first (same id): cheap, and a dead one is left sooner
+        body: dict[str, Any] = {"ws": self.ws, "a": a}
+        if change:
+            body["rid"] = rid
+        if durable:
+            body["durable"] = True
+        delay = 0.02
+        while True:
+            now = trio.current_time()
+            if now >= deadline:
+                raise FsError(errno.EIO, f"workspace {self.ws}: no leader answered within "
+                                         f"{self.failover_timeout:g}s")
+            role = self._leading()
+            if role is not None:
+                # We became the leader while retrying.
+                if change:
+                    return await self._as_leader(role, op, role._decode(op, a), rid, durable)
+                try:
+                    return self._result(op, await role.serve(self.me, op, body), -1, False)
+                except (Deposed, NotLeader):
+                    continue
+            target = self._leader_hint()
+            if target is None or target == self.me:
+                with trio.move_on_at(min(deadline, now + 0.1)):
+                    await self._changed.wait()
+                continue
+            gen = self.gen
+            try:
+                self.rpcs += 1
+                reply = await self.node.call(target, "ns." + op, body, timeout=min(per_try, deadline - now),
+                                             request_id=rid, retries=1)
+            except RemoteError as e:
+                if e.code == "fs":
+                    try:
+                        raise FsError(int(e.message)) from None
+                    except ValueError:
+                        raise FsError(errno.EIO, e.message) from None
+                if e.code == "not_leader":
+                    await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
+                    delay = min(delay * 2, 0.5)
+                    continue
+                raise FsError(errno.EIO, f"leader {target}: {e.code}: {e.message}") from None
+            except PeerUnavailable:
+                continue
+            if not isinstance(reply, dict) or not isinstance(reply.get("e"), int):
+                raise FsError(errno.EIO, f"leader {target}: malformed reply")
+            if reply["e"] < self.epoch:
+                continue      # a deposed leader's late answer: ask the current one
+            self._adopt(target, reply["e"])
+            if isinstance(reply.get("g"), int) and reply["g"] != self.cbgen:
+                self._drop_all()
+                self.cbgen = reply["g"]
+                gen = -1
+            return self._result(op, reply["r"], gen, change)
+
+    def _result(self, op: str, r: Any, gen: int, change: bool) -> Any:
+        if change:
+            aff = r["aff"]
+            keep = gen == self.gen
+            self._drop(list(aff[0]) + list(aff[1]), [tuple(x) for x in aff[2]])
+            r = r["r"]
+            if isinstance(r, list):
+                node = Inode.from_list(r)
+                if keep:
+                    self._keep(node, self.gen)
+                return node
+            return r
+        if op in ("getattr", "lookup", "open"):
+            node = Inode.from_list(r)
+            self._keep(node, gen)
+            return node
+        if op == "readdir":
+            out = []
+            for name, ino, al in r:
+                node = Inode.from_list(al)
+                self._keep(node, gen)
+                out.append((name, ino, node))
+            return out
+        if op == "slices":
+            return [Slice.from_tuple(t) for t in r]
+        return r
+
+    async def _as_leader(self, role: LeaderRole, op: str, a: list, rid: bytes, durable: bool) -> Any:
+        """A change made through our own mount while we lead (reads never get here)."""
+        try:
+            result, _ = await role.mutate(self.me, op, a, rid)
+            if durable:
+                await role.local.sync(result)
+            return result
+        except (Deposed, NotLeader):
+            pass
+        # Deposed mid-call: retry (same request id) at the new leader.
+        with trio.move_on_after(self.invalidate_timeout):
+            while self._leading() is role:
+                await self._changed.wait()
+        return await self._rpc(op, self._wire(op, a), change=True, durable=durable, rid=rid)
+
+    @staticmethod
+    def _wire(op: str, a: list) -> list:
+        if op == "commit_write":
+            ino, slices, end, mtime, inline = a
+            return [ino, [(i, s.to_tuple()) for i, s in slices], end, mtime, inline]
+        if op == "compact":
+            ino, chunk, old, new, drop = a
+            return [ino, chunk, [s.to_tuple() for s in old], [s.to_tuple() for s in new],
+                    [s.to_tuple() for s in drop]]
+        return list(a)
+
+    async def _change(self, op: str, a: list, durable: bool = False) -> Any:
+        role = self._leading()
+        if role is not None:
+            return await self._as_leader(role, op, a, new_id(), durable)
+        return await self._rpc(op, self._wire(op, a), change=True, durable=durable)
+
+    # -- NamespaceService: queries ----------------------------------------------------------------
+    def cached(self, ino: int) -> Inode | None:
+        if self.role is Role.LEADER and self.local is not None:
+            return self.local.cached(ino)
+        return self.attrs.get(ino)
+
+    def cached_entry(self, parent: int, name: bytes) -> int | None:
+        if self.role is Role.LEADER and self.local is not None:
+            return self.local.cached_entry(parent, name)
+        return self.entries.get((parent, name))
+
+    def orphans(self) -> list[int]:
+        return self.local.orphans() if self._leading() is not None and self.local is not None else []
+
+    def stats(self) -> dict:
+        out: dict[str, Any] = {}
+        if self.role is Role.LEADER and self.local is not None:
+            out.update(self.local.stats())
+            if self.leader is not None:
+                out.update(self.leader.stats())
+        out.update({"role": self.role.value, "leader": self.me if self.role is Role.LEADER else self._leader_hint(),
+                    "epoch": self.lead.epoch if self.role is Role.LEADER and self.lead else self.epoch,
+                    "rpcs": self.rpcs, "failovers": self.failovers, "cached_inodes": len(self.attrs)})
+        return out
+
+    async def close(self) -> None:
+        if self._leading() is not None and self.local is not None:
+            await self.local.close()
+
+    async def snapshot(self) -> None:
+        if self._leading() is not None and self.local is not None:
+            await self.local.snapshot()
+
+    async def collect_garbage(self, *, force: bool = False) -> int:
+        if self._leading() is not None and self.local is not None:
+            return await self.local.collect_garbage(force=force)
+        return 0
+
+    def referenced_sids(self) -> set[str]:
+        return self.local.referenced_sids() if self.local is not None else set()
+
+    async def lookup(self, parent: int, name: bytes) -> Inode:
+        role = self._leading()
+        if role is not None:
+            return await role.local.lookup(parent, name)
+        if len(name) > 255:
+            raise FsError(errno.ENAMETOOLONG)
+        if self._trusted():
+            ino = self.entries.get((parent, name))
+            if ino is not None:
+                node = self.attrs.get(ino)
+                if node is not None:
+                    return node
+        gen = self.gen
+        node = await self._rpc("lookup", [parent, name])
+        if gen == self.gen and name not in (b".", b".."):
+            self.entries[(parent, name)] = node.ino
+        return node
+
+    async def getattr(self, ino: int) -> Inode:
+        role = self._leading()
+        if role is not None:
+            return await role.local.getattr(ino)
+        if self._trusted():
+            node = self.attrs.get(ino)
+            if node is not None:
+                return node
+        return await self._rpc("getattr", [ino])
+
+    async def open(self, ino: int) -> Inode:
+        role = self._leading()
+        if role is not None:
+            return await role.local.getattr(ino)
+        return await self._rpc("open", [ino])
+
+    async def closed(self, ino: int) -> None:
+        if self._leading() is None and self.multi:
+            try:
+                await self._rpc("close", [ino])
+            except FsError as e:
+                log.info("event=close_unregistered ws=%s ino=%d error=%s", self.ws, ino, e)
+
+    async def readdir(self, ino: int) -> list[tuple[bytes, int]]:
+        return [(n, i) for n, i, _ in await self.readdir_plus(ino)]
+
+    async def readdir_plus(self, ino: int) -> list[tuple[bytes, int, Inode | None]]:
+        role = self._leading()
+        if role is not None:
+            return await role.local.readdir_plus(ino)
+        return await self._rpc("readdir", [ino])
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        role = self._leading()
+        if role is not None:
+            return await role.local.getxattr(ino, name)
+        v = (await self.getattr(ino)).xattrs.get(name)
+        if v is None:
+            raise FsError(errno.ENODATA)
+        return v
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        role = self._leading()
+        if role is not None:
+            return await role.local.listxattr(ino)
+        return list((await self.getattr(ino)).xattrs)
+
+    async def slices(self, ino: int, chunk: int) -> list[Slice]:
+        role = self._leading()
+        if role is not None:
+            return await role.local.slices(ino, chunk)
+        if self._trusted():
+            s = self.slice_cache.get((ino, chunk))
+            if s is not None:
+                return list(s)
+        gen = self.gen
+        out = await self._rpc("slices", [ino, chunk])
+        if gen == self.gen and self.role is Role.FOLLOWER:
+            self.slice_cache[(ino, chunk)] = out
+        return list(out)
+
+    async def sync(self, seq: int | None = None) -> None:
+        role = self._leading()
+        if role is not None:
+            try:
+                await role.local.sync(seq)
+                return
+            except (Deposed, NotLeader):
+                seq = None
+        if self.multi:
+            await self._rpc("sync", [seq])
+
+    # -- NamespaceService: changes ----------------------------------------------------------------
+    async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+                    target: bytes | None = None) -> Inode:
+        return await self._change("mknod", [parent, name, mode, uid, gid, rdev, target])
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        return await self._change("link", [ino, parent, name])
+
+    async def unlink(self, parent: int, name: bytes, is_dir: bool, is_open: Callable[[int], bool]) -> Inode:
+        return await self._change("unlink", [parent, name, is_dir])
+
+    async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, flags: int,
+                     is_open: Callable[[int], bool]) -> None:
+        await self._change("rename", [sp, sn, dp, dn, flags])
+
+    async def setattr(self, ino: int, changes: dict) -> Inode:
+        return await self._change("setattr", [ino, changes])
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        await self._change("setxattr", [ino, name, value])
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self._change("removexattr", [ino, name])
+
+    async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int,
+                           inline: dict[str, bytes] | None = None, durable: bool = False) -> int:
+        return await self._change("commit_write", [ino, slices, end, mtime, inline], durable=durable)
+
+    async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice], drop: list[Slice]) -> int:
+        return await self._change("compact", [ino, chunk, old, new, drop])
+
+    async def free(self, ino: int) -> None:
+        role = self._leading()
+        if role is not None:
+            await role.release(self.me, ino)
+            return
+        await self.closed(ino)
+
+
+def leads_info(namespaces: dict[str, PeeredNamespace], sender: str) -> dict:
+    """What `peer.ping` answers: the workspaces this peer leads, with epoch and the sender's
+    callback generation."""
+    out = {}
+    for ws, ns in namespaces.items():
+        role = ns._leading()
+        if role is not None:
+            out[ws] = [role.epoch, role.cbgen.get(sender, 0)]
+    return {"leads": out}
+
