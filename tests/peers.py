@@ -246,7 +246,12 @@ class Peer(Mount):
     # -- lifecycle ----------------------------------------------------------------------------
 
     def mount(self) -> "Peer":
-        super().mount()
+        """`agentmount mount` (AssertionError with the log's tail if it fails)."""
+        try:
+            super().mount()
+        except BaseException:
+            self._adopt_daemon()    # whatever it left running, cleanup stops
+            raise
         self.killed_at = None
         return self
 
@@ -699,6 +704,13 @@ class PeerCluster:
                 if str(e) not in problems:
                     problems.append(str(e))
         assert not problems, "\n\n".join(problems)
+
+    def fsck(self, *args: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
+        """`agentmount fsck` of the shared store (with the first real peer's config); every
+        peer must be unmounted."""
+        running = [p.name for p in self.peers.values() if p.pid is not None]
+        assert not running, f"fsck with peers still mounted: {running}"
+        return self.real[0].cli("fsck", *args, timeout=timeout)
 
     def cleanup(self) -> None:
         """Continue stopped daemons, stop workload threads, unmount every peer (bounded, with a

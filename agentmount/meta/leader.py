@@ -272,8 +272,11 @@ class LeaderRole:
             raise RemoteError("bad_request", "a change needs a request id")
         args = self._decode(op, a)
         result, aff = await self.mutate(sender, op, args, rid)
-        if op in ("commit_write", "compact") and body.get("durable"):
-            await local.sync(result)
+        if op == "mknod" and body.get("open") and isinstance(result, Inode):
+            self.open_by.setdefault(result.ino, set()).add(sender)
+        # A follower's change is durable before it is answered: its peer may outlive us, and
+        # must never have been told of a change a failover then loses.
+        await local.sync(result if op in ("commit_write", "compact") else local.journal.last_seq)
         if isinstance(result, Inode):
             self._hold_attr(sender, result.ino)
             result = attr_list(result)

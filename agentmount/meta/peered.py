@@ -107,6 +107,7 @@ class PeeredNamespace(NamespaceService):
         self.slice_cache: dict[tuple[int, int], list[Slice]] = {}
         self.rpcs = 0
         self.failovers = 0
+        self._fresh: dict[int, Inode] = {}   # created here with the open noted by the leader
         self.on_gc: Callable[[str], object] | None = None
         self.before_snapshot = None
 
@@ -317,6 +318,7 @@ class PeeredNamespace(NamespaceService):
         self.attrs.clear()
         self.entries.clear()
         self.slice_cache.clear()
+        self._fresh.clear()
 
     def _trusted(self) -> bool:
         """Whether cached answers may be used now (see module docstring)."""
@@ -352,7 +354,7 @@ class PeeredNamespace(NamespaceService):
         return best
 
     async def _rpc(self, op: str, a: list, *, change: bool = False, durable: bool = False,
-                   rid: bytes | None = None) -> Any:
+                   rid: bytes | None = None, opening: bool = False) -> Any:
         """One operation at the leader, wherever it is; retried across failovers until the bound."""
         rid = rid or new_id()
         deadline = trio.current_time() + self.failover_timeout
@@ -362,6 +364,8 @@ class PeeredNamespace(NamespaceService):
             body["rid"] = rid
         if durable:
             body["durable"] = True
+        if opening:
+            body["open"] = True
         delay = 0.02
         while True:
             now = trio.current_time()
@@ -543,6 +547,9 @@ class PeeredNamespace(NamespaceService):
         role = self._leading()
         if role is not None:
             return await role.local.getattr(ino)
+        node = self._fresh.pop(ino, None)
+        if node is not None:
+            return node
         return await self._rpc("open", [ino])
 
     async def closed(self, ino: int) -> None:
@@ -597,14 +604,20 @@ class PeeredNamespace(NamespaceService):
                 await role.local.sync(seq)
                 return
             except (Deposed, NotLeader):
-                seq = None
-        if self.multi:
-            await self._rpc("sync", [seq])
+                raise FsError(errno.EIO, f"workspace {self.ws}: deposed before changes made here were "
+                                         "durable") from None
+        # A follower's changes are durable when the leader answers them: nothing to wait for.
 
     # -- NamespaceService: changes ----------------------------------------------------------------
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
-                    target: bytes | None = None) -> Inode:
-        return await self._change("mknod", [parent, name, mode, uid, gid, rdev, target])
+                    target: bytes | None = None, opening: bool = False) -> Inode:
+        role = self._leading()
+        if role is not None or not opening:
+            return await self._change("mknod", [parent, name, mode, uid, gid, rdev, target])
+        # create: the leader notes the open with the make, so the open that follows is free
+        node = await self._rpc("mknod", [parent, name, mode, uid, gid, rdev, target], change=True, opening=True)
+        self._fresh[node.ino] = node
+        return node
 
     async def link(self, ino: int, parent: int, name: bytes) -> Inode:
         return await self._change("link", [ino, parent, name])

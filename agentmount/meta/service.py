@@ -97,7 +97,8 @@ class NamespaceService(abc.ABC):
 
     @abc.abstractmethod
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
-                    target: bytes | None = None) -> Inode: ...
+                    target: bytes | None = None, opening: bool = False) -> Inode:
+        """Make an inode; `opening`: an open of it follows at once (create)."""
 
     @abc.abstractmethod
     async def link(self, ino: int, parent: int, name: bytes) -> Inode: ...
@@ -276,7 +277,7 @@ class LocalNamespace(NamespaceService):
 
     # -- namespace changes -------------------------------------------------------------
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
-                    target: bytes | None = None) -> Inode:
+                    target: bytes | None = None, opening: bool = False) -> Inode:
         check_name(name)
         d = self._dir(parent)
         if name in self.state.dirs[parent]:

@@ -309,6 +309,11 @@ class VFS:
             ws = self.workspaces.get(name)
             if ws is None:
                 raise FsError(errno.ENOENT)
+            if self.multi:
+                # Other peers serve it too (its leader may be elsewhere): deleting its objects
+                # under them needs a coordinated close this version does not have.
+                raise FsError(errno.EBUSY, f"workspace {name}: deleting a workspace shared by peers "
+                                           "is not supported yet")
             if not force and len(await ws.meta.readdir(ROOT_INO)) > 2:
                 raise FsError(errno.ENOTEMPTY)
             if any(ws.opens.values()):
@@ -442,7 +447,7 @@ class VFS:
         return node.target
 
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
-                    target: bytes | None = None) -> Attr:
+                    target: bytes | None = None, opening: bool = False) -> Attr:
         if parent == MOUNT_ROOT:
             if st.S_ISDIR(mode):
                 check_name(name)
@@ -453,7 +458,7 @@ class VFS:
         fmt = st.S_IFMT(mode)
         if fmt not in (st.S_IFREG, st.S_IFDIR, st.S_IFLNK, st.S_IFIFO, st.S_IFSOCK, st.S_IFCHR, st.S_IFBLK):
             raise FsError(errno.EINVAL)
-        node = await ws.meta.mknod(ino, name, mode, uid, gid, rdev, target)
+        node = await ws.meta.mknod(ino, name, mode, uid, gid, rdev, target, opening=opening)
         return self._attr(ws, node)
 
     async def link(self, gino: int, parent: int, name: bytes) -> Attr:
@@ -536,7 +541,7 @@ class VFS:
         return fh
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
-        attr = await self.mknod(parent, name, (mode & 0o7777) | st.S_IFREG, 0, uid, gid)
+        attr = await self.mknod(parent, name, (mode & 0o7777) | st.S_IFREG, 0, uid, gid, opening=True)
         fh = await self.open(attr.ino, flags)
         self.files[fh].wrote = True  # a created file is durable at close like a written one
         return fh, attr
