@@ -56,6 +56,8 @@ class PeerNode:
         self.ping_info: Callable[[str], dict] = lambda sender: {}
         # peer -> (last reply on the trio clock, round trip seconds, what it says it leads)
         self.seen: dict[str, tuple[float, float, dict]] = {}
+        self.members = sorted([self.name] + [p.name for p in cfg.peers])
+        self._disagree: dict[str, list] = {}
         self.server: RpcServer | None = None
         self.auth: peer_keys.Authenticator | None = None
 
@@ -84,7 +86,7 @@ class PeerNode:
         if kind in LEASE_KINDS:
             return await self.voter.handle(sender, kind, body, epoch)
         if kind == "peer.ping":
-            return self.ping_info(sender)
+            return {**self.ping_info(sender), "peers": self.members}
         if kind.startswith("ns.") and isinstance(body, dict):
             handler = self.ns_handlers.get(body.get("ws"))   # type: ignore[arg-type]
             if handler is None:
@@ -109,6 +111,12 @@ class PeerNode:
             if isinstance(reply, dict):
                 now = trio.current_time()
                 self.seen[name] = (now, now - t0, reply)
+                theirs = reply.get("peers")
+                if isinstance(theirs, list) and theirs != self.members and self._disagree.get(name) != theirs:
+                    self._disagree[name] = theirs
+                    log.error("event=peer_list_mismatch peer=%s theirs=%s ours=%s reason=%r", name,
+                              ",".join(map(str, theirs)), ",".join(self.members),
+                              "the peers' [[peer]] lists differ: quorums are counted over different sets")
         while True:
             async with trio.open_nursery() as n:
                 for name in self.clients:
@@ -125,7 +133,11 @@ class PeerNode:
         for p in self.cfg.peers:
             s = self.seen.get(p.name)
             leads = sorted(ws for ws, v in ((s[2].get("leads") or {}) if s else {}).items())
+            epochs = {ws: v[0] for ws, v in ((s[2].get("leads") or {}) if s else {}).items()
+                      if isinstance(v, list) and v}
             out.append({"name": p.name, "endpoint": p.endpoint, "alive": self.alive(p.name),
+                        "epochs": epochs if self.alive(p.name) else {},
+                        "peer_list_differs": p.name in self._disagree,
                         "rtt_ms": round(s[1] * 1000, 3) if s else None,
                         "last_seen_s": round(trio.current_time() - s[0], 3) if s else None,
                         "leads": leads if self.alive(p.name) else []})
