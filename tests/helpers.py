@@ -104,7 +104,8 @@ class Mount:
                 self.umount()
             except Exception:  # noqa: BLE001 - fall back to force
                 try:
-                    os.kill(self.pid, signal.SIGKILL)
+                    if self.pid is not None:   # umount may have detached it and failed later
+                        os.kill(self.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 subprocess.run(["fusermount3", "-u", "-z", str(self.mp)], capture_output=True)

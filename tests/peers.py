@@ -552,6 +552,8 @@ class PeerCluster:
     - fs: `[fs]` keys for every peer; extra: TOML text appended to every peer's config (str) or
       per peer ({name: str}).
     - peers_of: {peer: [names it lists]}; default: every other real peer.
+    - stores: TOML text of the `[[store]]`s (and `[replication]`) every peer uses instead of the
+      shared local store (e.g. SeaweedFS S3 servers).
     - intruder: True or a name: one more peer (not mounted by mount_all) that lists the real
       peers with their real keys while none of them lists it.
     """
@@ -560,7 +562,7 @@ class PeerCluster:
                  lease_overrides: dict[str, dict] | None = None, fs: dict | None = None,
                  extra: str | dict[str, str] = "", peers_of: dict[str, list[str]] | None = None,
                  intruder: bool | str = False, workspaces: Iterable[str] = (WS,),
-                 cache: dict | None = None) -> None:
+                 cache: dict | None = None, stores: str | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = self.root / "store"
@@ -573,6 +575,7 @@ class PeerCluster:
         self.extra = extra
         self.workspaces = tuple(workspaces)
         self.cache = cache or {"size_mb": 256, "memory_mb": 64}
+        self.stores = stores   # TOML of the [[store]]s (and [replication]) instead of the local store
         self.intruder_name = (intruder if isinstance(intruder, str) else "x") if intruder else None
         all_names = self.names + ([self.intruder_name] if self.intruder_name else [])
         ports: set[int] = set()
@@ -615,8 +618,11 @@ class PeerCluster:
         lease = {**(self.lease or {}), **self.lease_overrides.get(name, {})}
         if lease:
             lines += ["[lease]"] + [f"{k} = {toml_value(v)}" for k, v in lease.items()] + [""]
-        lines += ["[[store]]", 'name = "shared"', 'kind = "local"', f"path = {toml_value(str(self.store))}", "",
-                  "[cache]", f"dir = {toml_value(str(base / 'cache'))}"]
+        if self.stores is not None:
+            lines += [self.stores.strip(), ""]
+        else:
+            lines += ["[[store]]", 'name = "shared"', 'kind = "local"', f"path = {toml_value(str(self.store))}", ""]
+        lines += ["[cache]", f"dir = {toml_value(str(base / 'cache'))}"]
         lines += [f"{k} = {toml_value(v)}" for k, v in self.cache.items()] + [""]
         if self.fs:
             lines += ["[fs]"] + [f"{k} = {toml_value(v)}" for k, v in self.fs.items()] + [""]
