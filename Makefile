@@ -12,7 +12,8 @@ BENCH_ARGS ?=
 deps:
 	@PYTHON=$(PYTHON) ./scripts/ensure-deps.sh
 
-$(VENV)/.installed: pyproject.toml
+# setup.py builds the C extension (in place, for the editable install): rebuild when it changes.
+$(VENV)/.installed: pyproject.toml setup.py agentmount/fuse/_lowlevel.c
 	@PYTHON=$(PYTHON) ./scripts/ensure-deps.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/pip install -q --disable-pip-version-check -e .
@@ -50,4 +51,4 @@ bench-replicas: venv-test
 	@$(BIN)/python bench/run.py --replicas $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis agentmount/fuse/_lowlevel*.so

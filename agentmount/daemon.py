@@ -232,6 +232,7 @@ def _set_readahead(mp: str) -> None:
 
 
 async def _main(cfg: Config, mp: str, ready_fd: int | None) -> int:
+    import agentmount.fuse  # noqa: F401 - loads fuse/_lowlevel before pyfuse3 (lock requests)
     import pyfuse3
 
     from agentmount.fuse.ops import Operations, mount_options

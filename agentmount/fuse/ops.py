@@ -3,20 +3,31 @@
 Nothing here holds state beyond the VFS reference and cache timeouts. Any
 FsError becomes FUSEError(errno); any other exception is logged and becomes
 EIO, so a bug never hangs or crashes the mount.
+
+Beyond pyfuse3 (through fuse/lowlevel.py): lock requests (getlk/setlk/flock go to
+`vfs.locks`; flush and release drop the locks of their lock owner), and, with
+FUSE_HANDLE_KILLPRIV_V2, dropping suid/sgid on write, truncate, open(O_TRUNC) and chown
+(see killpriv.py). Handlers read `lowlevel.request()` before their first await.
 """
 from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 
 import pyfuse3
 
 from agentmount.errors import FsError
+from agentmount.fuse import killpriv, lowlevel
 from agentmount.vfs.vfs import VFS, Attr
 
 log = logging.getLogger("agentmount.fuse")
+
+# getxattr on the mount root: JSON of Operations.fuse_stats() (requests per opcode, what INIT
+# negotiated, lock service counters).
+FUSE_STATS_XATTR = b"user.agentmount.fuse"
 
 
 def _errors(fn):
@@ -46,6 +57,44 @@ class Operations(pyfuse3.Operations):
         self.vfs = vfs
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
+        # Lock requests go to the VFS's lock service; without one the kernel keeps locks local.
+        self.locks = getattr(vfs, "locks", None)
+        if not lowlevel.HOOKED:
+            log.warning("pyfuse3 was imported before agentmount.fuse: no lock requests, no KILLPRIV_V2")
+        if self.locks is not None:
+            self.locks.replier = lowlevel
+            lowlevel.set_lock_handler(self._lock_request, self.locks.interrupt)
+
+    def fuse_stats(self) -> dict:
+        return {"info": lowlevel.info(), "ops": {str(k): v for k, v in lowlevel.op_counts().items()},
+                "locks": self.locks.status() if self.locks is not None else None}
+
+    def _lock_request(self, token, kind, ino, fh, owner, type, start, end, sleep, pid) -> None:
+        """getlk/setlk/flock, called by _lowlevel on the trio thread: decode, call, map errors.
+        The lock service answers through lowlevel.reply_*, now or when a waiter is granted."""
+        try:
+            if kind == lowlevel.KIND_GETLK:
+                self.locks.getlk(token, ino, owner, type, start, end)
+            elif kind == lowlevel.KIND_SETLK:
+                self.locks.setlk(token, ino, fh, owner, type, start, end, bool(sleep), pid)
+            else:
+                self.locks.flock(token, ino, fh, owner, type, bool(sleep), pid)
+        except FsError as e:
+            lowlevel.reply_err(token, e.errno)
+        except Exception:
+            log.exception("lock request failed")
+            lowlevel.reply_err(token, errno.ENOLCK)
+
+    async def _drop_privs(self, inode: int, r: lowlevel.Request, rule) -> None:
+        """Drop suid/sgid as `rule` (killpriv.after_*) says, for a request the kernel flagged."""
+        a = await self.vfs.getattr(inode)
+        mode = rule(a.mode, a.gid, r.uid, r.gid, r.pid)
+        if mode != a.mode:
+            await self.vfs.setattr(inode, {"mode": mode})
+            try:
+                pyfuse3.invalidate_inode(inode, True)   # attributes only: does not block
+            except OSError:
+                pass
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -102,6 +151,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
+        r = lowlevel.request()
         changes = {}
         if fields.update_mode:
             changes["mode"] = attr.st_mode
@@ -115,6 +165,17 @@ class Operations(pyfuse3.Operations):
             changes["atime"] = attr.st_atime_ns
         if fields.update_mtime:
             changes["mtime"] = attr.st_mtime_ns
+        if "mode" not in changes and r.opcode == lowlevel.FUSE_SETATTR and lowlevel.killpriv_v2():
+            # The kernel leaves suid/sgid to us and flags truncate by a caller without
+            # CAP_FSETID, and chown of a non-directory by anyone; chown(-1, -1) arrives as a
+            # setattr of nothing, unflagged.
+            chown = "uid" in changes or "gid" in changes or not changes
+            if r.kill_suidgid or not changes:
+                a = await self.vfs.getattr(inode)
+                rule = killpriv.after_chown if chown else killpriv.after_modify
+                mode = rule(a.mode, a.gid, r.uid, r.gid, r.pid)
+                if mode != a.mode:
+                    changes["mode"] = mode
         return self._entry(await self.vfs.setattr(inode, changes))
 
     @_errors
@@ -155,13 +216,16 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode, flags, ctx):
+        r = lowlevel.request()
+        if r.kill_suidgid and r.opcode == lowlevel.FUSE_OPEN:   # O_TRUNC, caller without CAP_FSETID
+            await self._drop_privs(inode, r, killpriv.after_modify)
         fh = await self.vfs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=self.vfs.cacheable(inode))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.vfs.cacheable(inode, pages=True))
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         fh, attr = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=attr.cache), self._ref(attr)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.vfs.cacheable(attr.ino, pages=True)), self._ref(attr)
 
     @_errors
     async def read(self, fh, off, size):
@@ -169,15 +233,30 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def write(self, fh, off, buf):
+        r = lowlevel.request()
+        if r.kill_suidgid and r.opcode == lowlevel.FUSE_WRITE:   # caller without CAP_FSETID
+            await self._drop_privs(r.ino, r, killpriv.after_modify)
         return await self.vfs.write(fh, off, buf)
 
     @_errors
     async def flush(self, fh):
-        await self.vfs.flush(fh)
+        r = lowlevel.request()
+        try:
+            await self.vfs.flush(fh)
+        finally:
+            # A close by lock_owner: its POSIX locks go, once the data is flushed.
+            if self.locks is not None and r.opcode == lowlevel.FUSE_FLUSH and r.fh == fh:
+                self.locks.flush(r.ino, r.lock_owner)
 
     @_errors
     async def release(self, fh):
-        await self.vfs.release(fh)
+        r = lowlevel.request()
+        try:
+            await self.vfs.release(fh)
+        finally:
+            # The last close of the open file description: its flock (and OFD locks) go.
+            if self.locks is not None and r.opcode == lowlevel.FUSE_RELEASE and r.fh == fh:
+                self.locks.release(r.ino, fh, r.lock_owner, r.flock_release)
 
     @_errors
     async def fsync(self, fh, datasync):
@@ -224,6 +303,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getxattr(self, inode, name, ctx):
+        if inode == pyfuse3.ROOT_INODE and name == FUSE_STATS_XATTR:
+            return json.dumps(self.fuse_stats()).encode()
         return await self.vfs.getxattr(inode, name)
 
     @_errors

@@ -238,8 +238,8 @@ class LeaderRole:
                 self.open_by.setdefault(node.ino, set()).add(sender)
             return attr_list(node)
         if op == "lookup":
+            self._hold_dir(sender, a[0])     # also for a miss: the kernel caches "no such name"
             node = await local.lookup(a[0], a[1])
-            self._hold_dir(sender, a[0])
             self._hold_attr(sender, node.ino)
             return attr_list(node)
         if op == "readdir":
@@ -277,10 +277,17 @@ class LeaderRole:
         # A follower's change is durable before it is answered: its peer may outlive us, and
         # must never have been told of a change a failover then loses.
         await local.sync(result if op in ("commit_write", "compact") else local.journal.last_seq)
+        out: dict[str, Any] = {"aff": [aff[0], aff[1], [list(x) for x in aff[2]]]}
         if isinstance(result, Inode):
             self._hold_attr(sender, result.ino)
             result = attr_list(result)
-        return {"r": result, "aff": [aff[0], aff[1], [list(x) for x in aff[2]]]}
+        elif op in ("commit_write", "compact", "setxattr", "removexattr"):
+            node = local.cached(args[0])
+            if node is not None:   # the changed inode as it is now: the follower need not ask
+                self._hold_attr(sender, node.ino)
+                out["n"] = attr_list(node)
+        out["r"] = result
+        return out
 
     def _decode(self, op: str, a: list) -> list:
         if op == "commit_write":

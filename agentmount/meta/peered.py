@@ -46,6 +46,11 @@ from backend.store import ObjectStore
 log = logging.getLogger("agentmount.meta")
 
 CACHE_MAX = 200_000
+# How long a follower's acknowledgement of an invalidation waits for its kernel. Dropping a
+# dentry takes the directory's lock, which an operation of ours may hold while it waits for
+# the very leader that waits for this ack: past this, we ack and the kernel catches up as
+# soon as that operation ends (the waiting invalidation is next in line for the lock).
+KERNEL_INVAL_WAIT = 0.2
 
 
 class Role(enum.Enum):
@@ -65,6 +70,9 @@ class KernelHooks:
 
     def open_inodes(self) -> list[int]:
         return []
+
+    def attrs_stale(self, ino: int) -> None:
+        """Drop the kernel's attributes of `ino` now (never blocks)."""
 
     def is_open(self, ino: int) -> bool:
         return False
@@ -119,8 +127,9 @@ class PeeredNamespace(NamespaceService):
 
     @property
     def kernel_cacheable(self) -> bool:
-        """Whether the kernel may cache attributes and entries of this workspace."""
-        return self.role is Role.LEADER
+        """Whether the kernel may cache attributes and entries of this workspace now: while
+        leading, or following a leader that will tell us of changes (see `_trusted`)."""
+        return self.role is Role.LEADER or self._trusted()
 
     def _leading(self) -> LeaderRole | None:
         lead = self.lead
@@ -251,7 +260,7 @@ class PeeredNamespace(NamespaceService):
     # -- serving RPCs --------------------------------------------------------------------------
     async def _serve(self, sender: str, op: str, body: dict) -> Any:
         if op == "inval":
-            return self._on_inval(sender, body)
+            return await self._on_inval(sender, body)
         if op == "reset":
             return await self._on_reset(sender, body)
         role = self._leading()
@@ -267,20 +276,35 @@ class PeeredNamespace(NamespaceService):
             raise RemoteError("not_leader", f"{self.me} no longer leads {self.ws}")
         return {"r": out, "e": role.epoch, "g": role.cbgen.get(sender, 0)}
 
-    def _on_inval(self, sender: str, body: dict) -> bool:
+    async def _on_inval(self, sender: str, body: dict) -> bool:
         e = body.get("e")
         if not isinstance(e, int) or e < self.epoch:
             return True     # from a deposed leader: nothing to apply
         self._adopt(sender, e)
-        self._drop(body.get("a") or [], [tuple(x) for x in body.get("n") or []])
+        attrs = [i for i in body.get("a") or [] if isinstance(i, int)]
+        data = [i for i in body.get("d") or [] if isinstance(i, int)]
+        entries = [(x[0], x[1]) for x in body.get("n") or [] if isinstance(x, list) and len(x) == 2]
+        self._drop(attrs, entries)
+        with trio.move_on_after(KERNEL_INVAL_WAIT):
+            await self.kernel.inval(attrs, data, entries)
         return True
 
     async def _on_reset(self, sender: str, body: dict) -> bool:
         e = body.get("e")
         if isinstance(e, int) and e >= self.epoch:
             self._adopt(sender, e)
-            self._drop_all()
+            self._forget_all()
         return True
+
+    def _forget_all(self) -> None:
+        """Drop the daemon cache and (in the background) whatever the kernel cached."""
+        self._drop_all()
+        if self.role is not Role.LEADER:
+            trio.lowlevel.spawn_system_task(self._kernel_reset)
+
+    async def _kernel_reset(self) -> None:
+        with trio.move_on_after(self.invalidate_timeout):
+            await self.kernel.reset()
 
     def _adopt(self, leader: str, epoch: int) -> None:
         if epoch > self.epoch or leader != self.leader_name:
@@ -288,7 +312,7 @@ class PeeredNamespace(NamespaceService):
             self.epoch = max(self.epoch, epoch)
             self.leader_name = leader
             self.cbgen = 0
-            self._drop_all()
+            self._forget_all()
             if new and self.role is not Role.LEADER and self.multi:
                 self.node.leases.observe_epoch(self.ws, epoch)
                 trio.lowlevel.spawn_system_task(self._reopen, epoch)
@@ -330,7 +354,7 @@ class PeeredNamespace(NamespaceService):
         info = (seen[2].get("leads") or {}).get(self.ws)
         if not info or info[0] != self.epoch or info[1] != self.cbgen:
             if info and (info[0] > self.epoch or (info[0] == self.epoch and info[1] != self.cbgen)):
-                self._drop_all()
+                self._forget_all()
                 self.cbgen = info[1] if info[0] == self.epoch else 0
             return False
         return True
@@ -410,21 +434,27 @@ class PeeredNamespace(NamespaceService):
                 continue      # a deposed leader's late answer: ask the current one
             self._adopt(target, reply["e"])
             if isinstance(reply.get("g"), int) and reply["g"] != self.cbgen:
-                self._drop_all()
+                self._forget_all()
                 self.cbgen = reply["g"]
                 gen = -1
-            return self._result(op, reply["r"], gen, change)
+            return self._result(op, reply["r"], gen, change, a)
 
-    def _result(self, op: str, r: Any, gen: int, change: bool) -> Any:
+    def _result(self, op: str, r: Any, gen: int, change: bool, a: list | None = None) -> Any:
         if change:
             aff = r["aff"]
             keep = gen == self.gen
             self._drop(list(aff[0]) + list(aff[1]), [tuple(x) for x in aff[2]])
+            if keep and isinstance(r.get("n"), list):
+                self._keep(Inode.from_list(r["n"]), self.gen)
             r = r["r"]
             if isinstance(r, list):
                 node = Inode.from_list(r)
                 if keep:
                     self._keep(node, self.gen)
+                    if a is not None and op in ("mknod", "link") and node.ino in self.attrs:
+                        # The name we just made: later lookups of it are answered here.
+                        where = (a[0], a[1]) if op == "mknod" else (a[1], a[2])
+                        self.entries[where] = node.ino
                 return node
             return r
         if op in ("getattr", "lookup", "open"):
@@ -550,7 +580,10 @@ class PeeredNamespace(NamespaceService):
         node = self._fresh.pop(ino, None)
         if node is not None:
             return node
-        return await self._rpc("open", [ino])
+        node = await self._rpc("open", [ino])
+        # Close-to-open: whatever attributes the kernel holds, the open's answer is newer.
+        self.kernel.attrs_stale(ino)
+        return node
 
     async def closed(self, ino: int) -> None:
         if self._leading() is None and self.multi:

@@ -28,10 +28,11 @@ from agentmount.config import Config
 from agentmount.errors import FsError
 from agentmount.meta import workspaces as wsreg
 from agentmount.meta import journal as jr
-from agentmount.meta.peered import KernelHooks, PeeredNamespace
+from agentmount.meta.peered import KernelHooks, PeeredNamespace, Role
 from agentmount.meta.service import LocalNamespace, check_name
 from agentmount.meta.state import ROOT_INO, Inode
 from agentmount.vfs.compactor import Compactor
+from agentmount.vfs.locking import LockService
 from agentmount.vfs.reader import Reader
 from agentmount.vfs.writer import DirtyFile, WriteBudget
 from agentmount.peer.node import PeerNode
@@ -154,6 +155,7 @@ class VFS:
         self.write_calls = 0
         self.bytes_written = 0
         self._refreshed = -1e9
+        self.locks = LockService(self)
 
     # -- workspaces --------------------------------------------------------------------
     async def load_workspaces(self) -> None:
@@ -410,10 +412,13 @@ class VFS:
         except (StoreError, FsError) as e:
             log.warning("listing workspaces failed: %s", e)
 
-    def cacheable(self, gino: int) -> bool:
-        """Whether the kernel may keep cached data and attributes of `gino`."""
+    def cacheable(self, gino: int, pages: bool = False) -> bool:
+        """Whether the kernel may keep cached attributes (`pages`: file pages across opens) of
+        `gino`. A follower's kernel drops a file's pages at every open (close-to-open)."""
         ws = self.by_index.get(gino >> WS_SHIFT)
-        return ws is None or ws.meta.kernel_cacheable
+        if ws is None:
+            return True
+        return ws.meta.role is Role.LEADER if pages else ws.meta.kernel_cacheable
 
     async def getattr(self, gino: int) -> Attr:
         if gino == MOUNT_ROOT:
@@ -822,7 +827,7 @@ class VFS:
             return out
         ws = h.ws
         meta = ws.meta
-        local = meta.kernel_cacheable
+        local = meta.role is Role.LEADER   # entries then come from the live state, else from the answer
         for i in range(off, len(ents)):
             name, ino, node = ents[i]
             if name == b"..":
@@ -928,6 +933,11 @@ class _Kernel(KernelHooks):
 
     def open_inodes(self) -> list[int]:
         return [i for i, n in self.ws.opens.items() if n > 0]
+
+    def attrs_stale(self, ino: int) -> None:
+        ii = self.vfs.inval_inode
+        if ii is not None and (self.ws.lookups.get(ino) or self.ws.opens.get(ino)):
+            ii(self.ws.gino(ino), True)   # attributes only: no lock the kernel could be holding
 
     def is_open(self, ino: int) -> bool:
         return self.ws.in_use(ino)
