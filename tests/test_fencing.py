@@ -39,14 +39,14 @@ async def test_deposed_epoch_is_fenced_and_its_inodes_give_eio(tmp_path):
     async with trio.open_nursery() as n:
         old, _ = await leader(store, 1)
         n.start_soon(old.journal.run)
-        old._commit({"op": "epoch"})
+        old._commit({"op": "epoch", "gap": True})
         a = await old.mknod(ROOT_INO, b"a", st.S_IFREG | 0o644, 0, 0)
         await old.sync()
         # The new leader takes over at epoch 2 and writes its marker.
         new, loaded = await leader(store, 2)
         assert loaded.state.inodes[a.ino]
         n.start_soon(new.journal.run)
-        new._commit({"op": "epoch"})
+        new._commit({"op": "epoch", "gap": True})
         await new.sync()
         # The deposed leader, unaware, keeps going: its next segment is at the same seq.
         lost = await old.mknod(ROOT_INO, b"lost", st.S_IFREG | 0o644, 0, 0)
@@ -107,6 +107,6 @@ async def test_replayed_request_id_gets_first_outcome_across_snapshot(tmp_path):
         await ns.snapshot()
         n.cancel_scope.cancel()
     loaded = await jr.load(store, WS, fresh())
-    seq, ino = loaded.state.rids[b"r" * 16]    # carried by the snapshot, not only the journal
+    seq, ino, _ = loaded.state.rids[b"r" * 16]    # carried by the snapshot, not only the journal
     assert ino == node.ino and seq >= 1
     assert loaded.replayed == 0

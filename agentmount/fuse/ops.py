@@ -100,11 +100,9 @@ class Operations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
         e.generation = 0
-        if a.cache:
-            e.entry_timeout = self.entry_timeout
-            e.attr_timeout = self.attr_timeout
-        else:
-            e.entry_timeout = e.attr_timeout = 0
+        # A follower's kernel may cache only as long as its leader promises to tell of changes.
+        e.entry_timeout = min(self.entry_timeout, a.ttl)
+        e.attr_timeout = min(self.attr_timeout, a.ttl)
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid = a.uid
@@ -136,7 +134,7 @@ class Operations(pyfuse3.Operations):
             # workspaces also appear through the control socket.
             e2 = pyfuse3.EntryAttributes()
             e2.st_ino = 0
-            e2.entry_timeout = self.entry_timeout if self.vfs.cacheable(parent_inode) else 0
+            e2.entry_timeout = min(self.entry_timeout, self.vfs.kernel_ttl(parent_inode))
             return e2
 
     async def forget(self, inode_list):

@@ -171,6 +171,8 @@ class Journal:
 
     def append(self, rec: dict) -> int:
         """Stamp `rec` with the next seq and queue it for the next segment."""
+        if self.closed or self.deposed:
+            raise Deposed(self.ws)   # after close (shutdown) or deposition nothing more is written
         rec["seq"] = seq = self.next_seq
         rec["epoch"] = self.epoch
         self.next_seq += 1
@@ -270,13 +272,14 @@ class Journal:
 
 
 async def write_snapshot(store: ObjectStore, state: NamespaceState,
-                         inline: dict[str, bytes] | None = None) -> str:
-    """Write the state (and inline-committed blocks not yet durable as objects) as a snapshot."""
-    obj = state.to_obj()
+                         inline: dict[str, bytes] | None = None, obj: dict | None = None) -> str:
+    """Write the state (`obj`: as taken earlier by `state.to_obj()`), and inline-committed
+    blocks not yet durable as objects, as a snapshot."""
+    obj = state.to_obj() if obj is None else obj
     if inline:
         obj["inline"] = inline
     data = await trio.to_thread.run_sync(lambda: block.encode(pack(obj), 1))
-    key = snapshot_key(state.ws, state.seq)
+    key = snapshot_key(state.ws, obj["seq"])
     await store.put(key, data)
     return key
 

@@ -143,6 +143,9 @@ class LeaderRole:
         except (PeerError, trio.TooSlowError) as e:
             log.warning("event=invalidate_failed ws=%s peer=%s error=%s", self.ws, peer, e)
             self.evict(peer)
+            # It trusts what it cached for at most invalidate_timeout after a ping it sent
+            # before the eviction: the change is not done until that trust has run out.
+            await trio.sleep(self.invalidate_timeout)
 
     # -- changes ----------------------------------------------------------------------------
     async def mutate(self, origin: str, op: str, a: list, rid: bytes) -> tuple[Any, Affected]:
@@ -196,7 +199,7 @@ class LeaderRole:
         seq, ino = done
         st = self.local.state
         if op in ("mknod", "link", "setattr", "unlink"):
-            node = st.inodes.get(ino or (a[0] if op == "setattr" else 0))
+            node = st.inodes.get(a[0] if op in ("setattr", "link") else ino)
             if op == "unlink" and node is None:
                 return gone(ino)
             if node is None:
@@ -274,6 +277,8 @@ class LeaderRole:
         result, aff = await self.mutate(sender, op, args, rid)
         if op == "mknod" and body.get("open") and isinstance(result, Inode):
             self.open_by.setdefault(result.ino, set()).add(sender)
+        for parent, _ in aff[2]:
+            self._hold_dir(sender, parent)   # it caches the names it just made
         # A follower's change is durable before it is answered: its peer may outlive us, and
         # must never have been told of a change a failover then loses.
         await local.sync(result if op in ("commit_write", "compact") else local.journal.last_seq)

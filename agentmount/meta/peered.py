@@ -116,6 +116,8 @@ class PeeredNamespace(NamespaceService):
         self.rpcs = 0
         self.failovers = 0
         self._fresh: dict[int, Inode] = {}   # created here with the open noted by the leader
+        self._lost_changes = False           # deposed with changes of ours not durable
+        self.closing = False                 # shutting down: no more serving other peers
         self.on_gc: Callable[[str], object] | None = None
         self.before_snapshot = None
 
@@ -129,7 +131,7 @@ class PeeredNamespace(NamespaceService):
     def kernel_cacheable(self) -> bool:
         """Whether the kernel may cache attributes and entries of this workspace now: while
         leading, or following a leader that will tell us of changes (see `_trusted`)."""
-        return self.role is Role.LEADER or self._trusted()
+        return self.kernel_ttl() > 0
 
     def _leading(self) -> LeaderRole | None:
         lead = self.lead
@@ -159,6 +161,8 @@ class PeeredNamespace(NamespaceService):
                     await got.wait()
                     continue
                 await self._lead(lead)
+                if self.load_error is not None:
+                    return
         finally:
             self.node.ns_handlers.pop(self.ws, None)
             leases.stop_campaign(self.ws)
@@ -170,18 +174,12 @@ class PeeredNamespace(NamespaceService):
             raise self.load_error
 
     async def _lead(self, lead: Leadership) -> None:
+        """Load the workspace at `lead`'s epoch and serve it until the lease is lost."""
         cfg = self.cfg
         try:
             loaded = await wsreg.recover(self.store, self.ws, self.info, cfg.chunk_size)
-        except BaseException as e:
-            if not self.multi:
-                self.load_error = e
-                self._ready.set()
-                raise
-            log.error("event=workspace_load_failed ws=%s epoch=%d error=%s", self.ws, lead.epoch, e)
-            await self.node.leases.release(self.ws)
-            await trio.sleep(1.0)
-            self.node.leases.campaign(self.ws)
+        except Exception as e:
+            await self._takeover_failed(lead, e)
             return
         if loaded.epoch >= lead.epoch:
             # The stores hold a newer epoch than our lease (peers or data dirs changed): take a
@@ -207,32 +205,46 @@ class PeeredNamespace(NamespaceService):
         local.before_snapshot = self.before_snapshot
         role = LeaderRole(self.me, local, lead.epoch, send_inval=self._send_inval, kernel_inval=self.kernel.inval,
                           is_open_here=self.kernel.is_open, invalidate_timeout=self.invalidate_timeout)
+        failed: Exception | None = None
         async with trio.open_nursery() as n:
             n.start_soon(local.run)
             try:
-                local._commit({"op": "epoch"})
+                local._commit({"op": "epoch", "gap": self.multi})
                 await journal.wait_durable()
                 self.local = local
                 await self.on_lead(local, loaded)
                 if self.multi:
-                    await self._reset_followers(lead.epoch)
+                    await self._reset_followers(lead.epoch, role)
             except Deposed:
                 n.cancel_scope.cancel()
                 return
-            self.lead, self.leader, self.epoch = lead, role, lead.epoch
-            self.leader_name = self.me
-            self._drop_all()
-            self._set_role(Role.LEADER)
-            self._ready.set()
-            log.warning("event=leading ws=%s epoch=%d seq=%d replayed=%d", self.ws, lead.epoch, loaded.state.seq,
-                        loaded.replayed)
-            await lead.lost.wait()
-            log.warning("event=deposed ws=%s epoch=%d reason=%s", self.ws, lead.epoch, lead.lost_reason)
-            journal._depose()
-            self.leader = None
-            self.leader_name = None
-            self._set_role(Role.ELECTING)
-            n.cancel_scope.cancel()
+            except Exception as e:
+                failed = e
+                journal._depose()
+                n.cancel_scope.cancel()
+            else:
+                self.lead, self.leader, self.epoch = lead, role, lead.epoch
+                self.leader_name = self.me
+                self._drop_all()
+                self._set_role(Role.LEADER)
+                self._ready.set()
+                log.warning("event=leading ws=%s epoch=%d seq=%d replayed=%d", self.ws, lead.epoch,
+                            loaded.state.seq, loaded.replayed)
+                await lead.lost.wait()
+                log.warning("event=deposed ws=%s epoch=%d reason=%s", self.ws, lead.epoch, lead.lost_reason)
+                if journal.durable_seq < journal.last_seq:
+                    # Changes made through our own mount were answered before they were durable
+                    # and are gone with our epoch: the next sync here must not report success.
+                    self._lost_changes = True
+                journal._depose()
+                self.leader = None
+                self.leader_name = None
+                self._set_role(Role.ELECTING)
+                n.cancel_scope.cancel()
+        if failed is not None:
+            self.local = None
+            await self._takeover_failed(lead, failed)
+            return
         self.failovers += 1
         # Our kernel cached entries and pages while we led: from now on only the new leader
         # knows, so they go before we answer as a follower.
@@ -240,19 +252,42 @@ class PeeredNamespace(NamespaceService):
             await self.kernel.reset()
         self._set_role(Role.FOLLOWER)
 
-    async def _reset_followers(self, epoch: int) -> None:
-        """Before serving as a new leader: every reachable peer drops what it cached (bounded)."""
+    async def _takeover_failed(self, lead: Leadership, e: Exception) -> None:
+        """Loading or starting a leadership failed. A single peer cannot mount; with peers, a
+        store outage during a takeover must not take the daemon down: give the lease back
+        (another peer may fare better) and campaign again a little later."""
+        if not self.multi:
+            self.load_error = e      # wait_ready raises it: the mount fails with its reason
+            self._ready.set()
+            return
+        log.error("event=takeover_failed ws=%s epoch=%d error=%s", self.ws, lead.epoch, e)
+        with trio.move_on_after(self.invalidate_timeout):
+            await self.node.leases.release(self.ws)
+        await trio.sleep(1.0)
+        self.node.leases.campaign(self.ws)
+
+    async def _reset_followers(self, epoch: int, role: LeaderRole) -> None:
+        """Before serving as a new leader: every reachable peer drops what it cached and tells
+        which inodes it holds open (bounded; the others re-register when they find us)."""
         with trio.move_on_after(self.invalidate_timeout):
             async with trio.open_nursery() as n:
                 for peer in self.node.clients:
-                    n.start_soon(self._reset_one, peer, epoch)
+                    # A peer not heard from lately trusts no cache of its own (its pings to
+                    # the old leader fail too): waiting for it would only delay the takeover.
+                    seen = self.node.seen.get(peer)
+                    if seen is not None and trio.current_time() - seen[0] < self.invalidate_timeout + 1.0:
+                        n.start_soon(self._reset_one, peer, epoch, role)
 
-    async def _reset_one(self, peer: str, epoch: int) -> None:
+    async def _reset_one(self, peer: str, epoch: int, role: LeaderRole) -> None:
         try:
-            await self.node.call(peer, "ns.reset", {"ws": self.ws, "e": epoch}, timeout=self.invalidate_timeout,
-                                 retries=1)
+            reply = await self.node.call(peer, "ns.reset", {"ws": self.ws, "e": epoch},
+                                         timeout=self.invalidate_timeout, retries=1)
         except (PeerUnavailable, RemoteError):
-            pass
+            return
+        if isinstance(reply, dict):
+            for ino in reply.get("open") or ():
+                if isinstance(ino, int) and ino in role.local.state.inodes:
+                    role.open_by.setdefault(ino, set()).add(peer)
 
     async def _send_inval(self, peer: str, body: dict) -> Any:
         return await self.node.call(peer, "ns.inval", body, timeout=self.invalidate_timeout, retries=2)
@@ -264,7 +299,7 @@ class PeeredNamespace(NamespaceService):
         if op == "reset":
             return await self._on_reset(sender, body)
         role = self._leading()
-        if role is None:
+        if role is None or self.closing:
             raise RemoteError("not_leader", f"{self.me} does not lead {self.ws}")
         try:
             out = await role.serve(sender, op, body)
@@ -289,12 +324,12 @@ class PeeredNamespace(NamespaceService):
             await self.kernel.inval(attrs, data, entries)
         return True
 
-    async def _on_reset(self, sender: str, body: dict) -> bool:
+    async def _on_reset(self, sender: str, body: dict) -> dict:
         e = body.get("e")
         if isinstance(e, int) and e >= self.epoch:
             self._adopt(sender, e)
             self._forget_all()
-        return True
+        return {"open": self.kernel.open_inodes()}
 
     def _forget_all(self) -> None:
         """Drop the daemon cache and (in the background) whatever the kernel cached."""
@@ -344,20 +379,54 @@ class PeeredNamespace(NamespaceService):
         self.slice_cache.clear()
         self._fresh.clear()
 
-    def _trusted(self) -> bool:
-        """Whether cached answers may be used now (see module docstring)."""
-        if self.role is not Role.FOLLOWER or self.leader_name is None:
-            return False
+    def _trust_left(self) -> float:
+        """For how long cached answers may still be used (0: not now).
+
+        Trust runs `invalidate_timeout_s` from the sending of the last ping the leader
+        answered at our epoch and callback generation: a leader that evicts us waits that
+        long before it goes on, so whatever it did not tell us about is never used."""
+        if self.role is not Role.FOLLOWER:
+            return 0.0
+        if self.leader_name is None:
+            self._learn_leader()
+            return 0.0
         seen = self.node.seen.get(self.leader_name)
-        if seen is None or trio.current_time() - seen[0] > self.invalidate_timeout:
-            return False
+        if seen is None:
+            return 0.0
+        left = seen[0] + self.invalidate_timeout - trio.current_time()
+        if left <= 0:
+            return 0.0
         info = (seen[2].get("leads") or {}).get(self.ws)
-        if not info or info[0] != self.epoch or info[1] != self.cbgen:
-            if info and (info[0] > self.epoch or (info[0] == self.epoch and info[1] != self.cbgen)):
-                self._forget_all()
-                self.cbgen = info[1] if info[0] == self.epoch else 0
-            return False
-        return True
+        if not (isinstance(info, list) and len(info) == 2 and all(isinstance(x, int) for x in info)):
+            return 0.0
+        epoch, cbgen = info
+        if epoch > self.epoch:
+            self._adopt(self.leader_name, epoch)       # forgets everything, once
+            return 0.0
+        if epoch < self.epoch:
+            return 0.0
+        if cbgen > self.cbgen:
+            self._forget_all()
+            self.cbgen = cbgen
+            return 0.0
+        return left if cbgen == self.cbgen else 0.0
+
+    def _trusted(self) -> bool:
+        return self._trust_left() > 0
+
+    def _learn_leader(self) -> None:
+        """Adopt the leader (and epoch) that the peers' ping answers name, if any."""
+        hint = self._leader_hint()
+        seen = self.node.seen.get(hint) if hint is not None else None
+        info = (seen[2].get("leads") or {}).get(self.ws) if seen is not None else None
+        if isinstance(info, list) and info and isinstance(info[0], int) and info[0] >= self.epoch:
+            self._adopt(hint, info[0])
+
+    def kernel_ttl(self) -> float:
+        """The longest the kernel may cache attributes and entries of this workspace now."""
+        if self.role is Role.LEADER:
+            return float("inf")
+        return self._trust_left()
 
     def _keep(self, node: Inode, gen: int) -> None:
         if gen == self.gen and self.role is Role.FOLLOWER:
@@ -378,10 +447,15 @@ class PeeredNamespace(NamespaceService):
         return best
 
     async def _rpc(self, op: str, a: list, *, change: bool = False, durable: bool = False,
-                   rid: bytes | None = None, opening: bool = False) -> Any:
-        """One operation at the leader, wherever it is; retried across failovers until the bound."""
+                   rid: bytes | None = None, opening: bool = False, deadline: float | None = None) -> Any:
+        """One operation at the leader, wherever it is; retried across failovers until the bound.
+
+        A change keeps its request id across tries (applied once, wherever). A read gets a
+        fresh id per try, so no try can be answered from a reply cached before an invalidation;
+        and what it returns is cached only if no invalidation came since the first try."""
         rid = rid or new_id()
-        deadline = trio.current_time() + self.failover_timeout
+        if deadline is None:
+            deadline = trio.current_time() + self.failover_timeout
         per_try = 1.0   # re-sends to the same leader join the first (same id): cheap, and a dead one is left sooner
         body: dict[str, Any] = {"ws": self.ws, "a": a}
         if change:
@@ -391,6 +465,7 @@ class PeeredNamespace(NamespaceService):
         if opening:
             body["open"] = True
         delay = 0.02
+        gen = self.gen
         while True:
             now = trio.current_time()
             if now >= deadline:
@@ -400,8 +475,10 @@ class PeeredNamespace(NamespaceService):
             if role is not None:
                 # We became the leader while retrying.
                 if change:
-                    return await self._as_leader(role, op, role._decode(op, a), rid, durable)
+                    return await self._as_leader(role, op, role._decode(op, a), rid, durable, deadline)
                 try:
+                    if op == "open":     # our own opens are known to the leader role directly
+                        return await role.local.getattr(a[0])
                     return self._result(op, await role.serve(self.me, op, body), -1, False)
                 except (Deposed, NotLeader):
                     continue
@@ -410,11 +487,10 @@ class PeeredNamespace(NamespaceService):
                 with trio.move_on_at(min(deadline, now + 0.1)):
                     await self._changed.wait()
                 continue
-            gen = self.gen
             try:
                 self.rpcs += 1
                 reply = await self.node.call(target, "ns." + op, body, timeout=min(per_try, deadline - now),
-                                             request_id=rid, retries=1)
+                                             request_id=rid if change else new_id(), retries=1)
             except RemoteError as e:
                 if e.code == "fs":
                     try:
@@ -427,16 +503,19 @@ class PeeredNamespace(NamespaceService):
                     continue
                 raise FsError(errno.EIO, f"leader {target}: {e.code}: {e.message}") from None
             except PeerUnavailable:
+                await trio.sleep(0.01)   # a checkpoint: the failure may have been immediate
                 continue
             if not isinstance(reply, dict) or not isinstance(reply.get("e"), int):
                 raise FsError(errno.EIO, f"leader {target}: malformed reply")
             if reply["e"] < self.epoch:
                 continue      # a deposed leader's late answer: ask the current one
             self._adopt(target, reply["e"])
-            if isinstance(reply.get("g"), int) and reply["g"] != self.cbgen:
-                self._forget_all()
+            if isinstance(reply.get("g"), int) and reply["g"] > self.cbgen:
+                self._forget_all()        # the leader evicted us: what we cached is suspect
                 self.cbgen = reply["g"]
                 gen = -1
+            elif isinstance(reply.get("g"), int) and reply["g"] < self.cbgen:
+                gen = -1                  # an answer from before our eviction: use, do not cache
             return self._result(op, reply["r"], gen, change, a)
 
     def _result(self, op: str, r: Any, gen: int, change: bool, a: list | None = None) -> Any:
@@ -472,7 +551,8 @@ class PeeredNamespace(NamespaceService):
             return [Slice.from_tuple(t) for t in r]
         return r
 
-    async def _as_leader(self, role: LeaderRole, op: str, a: list, rid: bytes, durable: bool) -> Any:
+    async def _as_leader(self, role: LeaderRole, op: str, a: list, rid: bytes, durable: bool,
+                         deadline: float | None = None) -> Any:
         """A change made through our own mount while we lead (reads never get here)."""
         try:
             result, _ = await role.mutate(self.me, op, a, rid)
@@ -485,7 +565,7 @@ class PeeredNamespace(NamespaceService):
         with trio.move_on_after(self.invalidate_timeout):
             while self._leading() is role:
                 await self._changed.wait()
-        return await self._rpc(op, self._wire(op, a), change=True, durable=durable, rid=rid)
+        return await self._rpc(op, self._wire(op, a), change=True, durable=durable, rid=rid, deadline=deadline)
 
     @staticmethod
     def _wire(op: str, a: list) -> list:
@@ -519,6 +599,8 @@ class PeeredNamespace(NamespaceService):
         return self.local.orphans() if self._leading() is not None and self.local is not None else []
 
     def stats(self) -> dict:
+        if self.role is Role.FOLLOWER:
+            self._trust_left()     # learns a leader and epoch from pings, if not yet known
         out: dict[str, Any] = {}
         if self.role is Role.LEADER and self.local is not None:
             out.update(self.local.stats())
@@ -530,6 +612,7 @@ class PeeredNamespace(NamespaceService):
         return out
 
     async def close(self) -> None:
+        self.closing = True      # followers now wait for the next leader instead of us
         if self._leading() is not None and self.local is not None:
             await self.local.close()
 
@@ -639,7 +722,12 @@ class PeeredNamespace(NamespaceService):
             except (Deposed, NotLeader):
                 raise FsError(errno.EIO, f"workspace {self.ws}: deposed before changes made here were "
                                          "durable") from None
-        # A follower's changes are durable when the leader answers them: nothing to wait for.
+        # A follower's changes are durable when the leader answers them: nothing to wait for,
+        # unless we led before and lost some of ours when deposed (reported once).
+        if self._lost_changes:
+            self._lost_changes = False
+            raise FsError(errno.EIO, f"workspace {self.ws}: changes made here were lost when this peer "
+                                     "stopped leading it")
 
     # -- NamespaceService: changes ----------------------------------------------------------------
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,

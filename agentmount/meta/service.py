@@ -225,7 +225,8 @@ class LocalNamespace(NamespaceService):
     # -- queries -----------------------------------------------------------------------
     def outcome(self, rid: bytes) -> tuple[int, int] | None:
         """(seq, inode) of the record request `rid` made, if it was applied (a retry)."""
-        return self.state.rids.get(rid)
+        v = self.state.rids.get(rid)
+        return None if v is None else (v[0], v[1])
 
     def cached(self, ino: int) -> Inode | None:
         return self.state.inodes.get(ino)
@@ -327,7 +328,7 @@ class LocalNamespace(NamespaceService):
         elif node.is_dir:
             raise FsError(errno.EISDIR)
         last = node.nlink <= 1 or node.is_dir
-        self._commit({"op": "unlink", "parent": parent, "name": name,
+        self._commit({"op": "unlink", "parent": parent, "name": name, "ino": ino,
                       "free": bool(last and not is_open(ino))})
         return node
 
@@ -364,7 +365,7 @@ class LocalNamespace(NamespaceService):
                 raise FsError(errno.EINVAL)
             if sino == dino:
                 return
-            self._commit({"op": "rename", "sp": sp, "sn": sn, "dp": dp, "dn": dn, "exchange": True})
+            self._commit({"op": "rename", "sp": sp, "sn": sn, "dp": dp, "dn": dn, "exchange": True, "ino": sino})
             return
         if dst is not None and flags & RENAME_NOREPLACE:
             raise FsError(errno.EEXIST)
@@ -381,7 +382,7 @@ class LocalNamespace(NamespaceService):
                 raise FsError(errno.ENOTEMPTY)
             if dst.is_dir and self._is_ancestor(dino, sp):
                 raise FsError(errno.ENOTEMPTY)
-        rec = {"op": "rename", "sp": sp, "sn": sn, "dp": dp, "dn": dn}
+        rec = {"op": "rename", "sp": sp, "sn": sn, "dp": dp, "dn": dn, "ino": sino}
         if dst is not None:
             last = dst.nlink <= 1 or dst.is_dir
             rec["free"] = bool(last and not is_open(dino))
@@ -476,8 +477,13 @@ class LocalNamespace(NamespaceService):
             carried = await self.before_snapshot() if self.before_snapshot is not None else {}
             self.journal.records_since_snapshot = 0
             seq = self.state.seq
-            await jr.write_snapshot(self.store, self.state, carried)
+            obj = self.state.to_obj()
+            # Only what is durable goes into a snapshot, and only while we may write: a deposed
+            # leader's snapshot could otherwise hold records replay ignores.
             await self.journal.wait_durable(seq)
+            if self.fence is not None:
+                self.fence()
+            await jr.write_snapshot(self.store, self.state, carried, obj=obj)
             await jr.prune(self.store, self.ws, seq)
 
     def referenced_sids(self) -> set[str]:

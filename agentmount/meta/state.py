@@ -22,8 +22,12 @@ from agentmount.chunks.layout import Slice, truncate_slices
 
 ROOT_INO = 1
 DIR_SIZE = 4096
+# Request ids remembered for retries (across failovers: snapshots carry them): at least the
+# last RIDS_KEPT, and every one younger than RIDS_SECONDS (beyond any failover bound).
 RIDS_KEPT = 20000
-EPOCH_INO_GAP = 1 << 20   # inode numbers skipped at each new leadership (2^40 last 10^6 failovers)   # request ids remembered for retries (across failovers: snapshots carry them)
+RIDS_SECONDS = 600
+# Inode numbers skipped at each new leadership with peers: 2^40 local numbers last 10^6 failovers.
+EPOCH_INO_GAP = 1 << 20
 
 
 class Inode:
@@ -87,7 +91,7 @@ class NamespaceState:
         self.dirs: dict[int, dict[bytes, int]] = {ROOT_INO: {}}
         # Request id -> (seq, inode) of the record it made: a retried request (same id, maybe at
         # a new leader after failover) gets the first outcome instead of being applied twice.
-        self.rids: dict[bytes, tuple[int, int]] = {}
+        self.rids: dict[bytes, tuple[int, int, int]] = {}   # rid -> (seq, inode, time ns)
         self.lost: list[tuple[int, int]] = []    # inode ranges skipped at new leaderships
 
     # -- snapshots -------------------------------------------------------------------
@@ -95,7 +99,7 @@ class NamespaceState:
         return {"v": 1, "ws": self.ws, "seq": self.seq, "next_ino": self.next_ino, "chunk_size": self.chunk_size,
                 "inodes": [i.to_list() for i in self.inodes.values()],
                 "dirs": [[d, list(e.items())] for d, e in self.dirs.items()],
-                "rids": [[r, s, i] for r, (s, i) in self.rids.items()],
+                "rids": [[r, s, i, t] for r, (s, i, t) in self.rids.items()],
                 "lost": [list(x) for x in self.lost]}
 
     @staticmethod
@@ -110,7 +114,7 @@ class NamespaceState:
             i = Inode.from_list(v)
             s.inodes[i.ino] = i
         s.dirs = {d: dict((bytes(n), ino) for n, ino in ents) for d, ents in o["dirs"]}
-        s.rids = {bytes(r): (sq, i) for r, sq, i in o.get("rids", ())}
+        s.rids = {bytes(v[0]): (v[1], v[2], v[3] if len(v) > 3 else 0) for v in o.get("rids", ())}
         s.lost = [(lo, hi) for lo, hi in o.get("lost", ())]
         return s
 
@@ -136,17 +140,21 @@ class NamespaceState:
         rid = rec.get("rid")
         if rid is not None:
             rids = self.rids
-            rids[rid] = (rec["seq"], rec.get("ino", 0))
+            t = rec.get("t", 0)
+            rids[rid] = (rec["seq"], rec.get("ino", 0), t)
             if len(rids) > RIDS_KEPT:
-                del rids[next(iter(rids))]
+                first = next(iter(rids))
+                if rids[first][2] < t - RIDS_SECONDS * 10**9:
+                    del rids[first]
         return dropped
 
     def _op_epoch(self, r: dict) -> None:
         """A new leader's first record: fences records of older epochs from this seq on, and
         skips inode numbers a deposed leader may have handed out in records that never became
         durable, so a peer still holding one gets an error instead of another file."""
-        self.lost.append((self.next_ino, self.next_ino + EPOCH_INO_GAP))
-        self.next_ino += EPOCH_INO_GAP
+        if r.get("gap"):
+            self.lost.append((self.next_ino, self.next_ino + EPOCH_INO_GAP))
+            self.next_ino += EPOCH_INO_GAP
 
     def lost_ino(self, ino: int) -> bool:
         """Whether `ino` is one a deposed leader may have handed out and lost."""

@@ -102,26 +102,34 @@ class PeerNode:
         return await client.call(kind, body, timeout=timeout, request_id=request_id, retries=retries)
 
     async def _pings(self) -> None:
-        async def one(name: str) -> None:
-            t0 = trio.current_time()
-            try:
-                reply = await self.call(name, "peer.ping", None, timeout=max(1.0, 4 * PING_S), retries=0)
-            except PeerError:
-                return
-            if isinstance(reply, dict):
-                now = trio.current_time()
-                self.seen[name] = (now, now - t0, reply)
-                theirs = reply.get("peers")
-                if isinstance(theirs, list) and theirs != self.members and self._disagree.get(name) != theirs:
-                    self._disagree[name] = theirs
-                    log.error("event=peer_list_mismatch peer=%s theirs=%s ours=%s reason=%r", name,
-                              ",".join(map(str, theirs)), ",".join(self.members),
-                              "the peers' [[peer]] lists differ: quorums are counted over different sets")
+        """One ping loop per peer (a dead one must not slow the others' rounds). `seen` keeps
+        the time a ping was *sent*: what its answer says held at least from then on."""
+        async with trio.open_nursery() as n:
+            for name in self.clients:
+                n.start_soon(self._ping_loop, name)
+
+    async def _ping_loop(self, name: str) -> None:
         while True:
-            async with trio.open_nursery() as n:
-                for name in self.clients:
-                    n.start_soon(one, name)
-                await trio.sleep(PING_S)
+            t0 = trio.current_time()
+            with trio.move_on_after(PING_S):    # never two pings in flight to one peer
+                await self._ping(name, t0)
+            await trio.sleep_until(t0 + PING_S)
+
+    async def _ping(self, name: str, t0: float) -> None:
+        try:
+            reply = await self.call(name, "peer.ping", None, timeout=PING_S, retries=0)
+        except PeerError:
+            return
+        if not isinstance(reply, dict):
+            return
+        now = trio.current_time()
+        self.seen[name] = (t0, now - t0, reply)
+        theirs = reply.get("peers")
+        if isinstance(theirs, list) and theirs != self.members and self._disagree.get(name) != theirs:
+            self._disagree[name] = theirs
+            log.error("event=peer_list_mismatch peer=%s theirs=%s ours=%s reason=%r", name,
+                      ",".join(map(str, theirs)), ",".join(self.members),
+                      "the peers' [[peer]] lists differ: quorums are counted over different sets")
 
     # -- queries -----------------------------------------------------------------------------
     def alive(self, peer: str) -> bool:

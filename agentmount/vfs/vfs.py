@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import stat as st
 import time
@@ -62,7 +63,7 @@ class Attr:
     mtime: int
     ctime: int
     version: int
-    cache: bool = True      # whether the kernel may cache it (not on a follower: see meta.peered)
+    ttl: float = math.inf   # how long the kernel may cache it at most (a follower: see meta.peered)
 
 
 class Workspace:
@@ -129,6 +130,9 @@ class VFS:
         # (global parent, name); both may block, so they are called in worker threads.
         self.inval_inode: "Callable[[int, bool], None] | None" = None
         self.inval_entry: "Callable[[int, bytes], None] | None" = None
+        # Kernel invalidations may wait on a directory lock (and be abandoned meanwhile): their
+        # own threads, so they can never starve the journal's, the leases' or the stores'.
+        self.inval_limiter = trio.CapacityLimiter(8)
         self.store = store
         self.blockio = blockio
         self.nursery = nursery
@@ -372,7 +376,7 @@ class VFS:
         if d is not None and not d.empty:
             size, mtime, ctime = d.size, d.mtime, max(node.ctime, d.mtime)
         return Attr(ws.gino(node.ino), node.mode, node.nlink, node.uid, node.gid, node.rdev, size, node.atime,
-                    mtime, ctime, node.version, ws.meta.kernel_cacheable)
+                    mtime, ctime, node.version, ws.meta.kernel_ttl())
 
     def _ws_root_attr(self, ws: Workspace, node: Inode) -> Attr:
         a = self._attr(ws, node)
@@ -411,6 +415,11 @@ class VFS:
             await self.refresh_workspaces()
         except (StoreError, FsError) as e:
             log.warning("listing workspaces failed: %s", e)
+
+    def kernel_ttl(self, gino: int) -> float:
+        """How long the kernel may cache attributes and entries of `gino` at most."""
+        ws = self.by_index.get(gino >> WS_SHIFT)
+        return math.inf if ws is None else ws.meta.kernel_ttl()
 
     def cacheable(self, gino: int, pages: bool = False) -> bool:
         """Whether the kernel may keep cached attributes (`pages`: file pages across opens) of
@@ -915,7 +924,7 @@ class _Kernel(KernelHooks):
                 ii(gino, attr_only)
             for gparent, name in todo_e:
                 ie(gparent, name)
-        await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=self.vfs.inval_limiter)
 
     async def reset(self) -> None:
         vfs, ws = self.vfs, self.ws
@@ -929,7 +938,7 @@ class _Kernel(KernelHooks):
             ie(MOUNT_ROOT, name)
             for gino in inos:
                 ii(gino, False)
-        await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=self.vfs.inval_limiter)
 
     def open_inodes(self) -> list[int]:
         return [i for i, n in self.ws.opens.items() if n > 0]
