@@ -16,15 +16,22 @@ REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
 
 
-def wait_for(cond, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
-    """Poll `cond()` until truthy or the deadline passes (then AssertionError)."""
+def wait_for(cond, timeout: float = 30.0, interval: float = 0.02, what: str = "condition", describe=None):
+    """Poll `cond()` until truthy or the deadline passes (then AssertionError, carrying
+    `describe()`: the state at the deadline)."""
     deadline = time.monotonic() + timeout
     while True:
         v = cond()
         if v:
             return v
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            extra = ""
+            if describe is not None:
+                try:
+                    extra = f"; last state: {describe()}"
+                except Exception as e:  # noqa: BLE001
+                    extra = f"; (describe failed: {e!r})"
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{extra}")
         time.sleep(interval)
 
 
@@ -132,14 +139,15 @@ def s3_conf(root: Path, servers, *, write_quorum: int | None = None, endpoints: 
     return "\n".join(lines) + "\n"
 
 
-def run_as(uid: int, gid: int, fn, *args):
-    """Run fn(*args) in a forked child with the given uid/gid; return its result or re-raise its OSError."""
+def run_as(uid: int, gid: int, fn, *args, groups: list[int] | None = None):
+    """Run fn(*args) in a forked child with the given uid/gid (and supplementary `groups`); return
+    its result or re-raise its OSError."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         try:
-            os.setgroups([])
+            os.setgroups(groups or [])
             os.setgid(gid)
             os.setuid(uid)
             res = ("ok", fn(*args))

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 from agentmount import control
 from agentmount.peer import keys
 from agentmount.procs import pid_alive, wait_exit
-from tests.helpers import Mount, cli
+from tests.helpers import Mount, cli, wait_for
 
 WS = "default"
 # Short leases keep the suite fast; tests that need the shipped behaviour pass lease=None.
@@ -109,20 +109,7 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: flo
                describe: Callable[[], Any] | None = None) -> Any:
     """Poll `cond()` until truthy or the deadline passes; the AssertionError carries
     `describe()` (the state at the deadline)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            extra = ""
-            if describe is not None:
-                try:
-                    extra = f"; last state: {describe()}"
-                except Exception as e:  # noqa: BLE001
-                    extra = f"; (describe failed: {e!r})"
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{extra}")
-        time.sleep(interval)
+    return wait_for(cond, timeout, interval, what, describe)
 
 
 class Hung(AssertionError):

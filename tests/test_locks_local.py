@@ -11,7 +11,6 @@ import errno
 import fcntl
 import json
 import os
-import pickle
 import select
 import signal
 import stat
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import NOBODY, wait_for
+from tests.helpers import NOBODY, run_as, wait_for
 
 FSTATS = "user.agentmount.fuse"
 FUSE_SETLK, FUSE_SETLKW = 32, 33
@@ -428,27 +427,7 @@ def test_counter_under_lock_is_exact(shared_mount, lockfile, kind):
 
 # -- suid/sgid with FUSE_HANDLE_KILLPRIV_V2 ---------------------------------------------------
 def _run_as(uid: int, gid: int, groups: list[int], fn, *args):
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
-            res = ("ok", fn(*args))
-        except BaseException as e:  # noqa: BLE001
-            res = ("err", repr(e))
-        with os.fdopen(w, "wb") as f:
-            pickle.dump(res, f)
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    kind, val = pickle.loads(data)
-    assert kind == "ok", val
-    return val
+    return run_as(uid, gid, fn, *args, groups=groups)
 
 
 def _write(dfd, name):

@@ -116,16 +116,9 @@ class LockTable:
         if node is None or type == F_UNLCK:
             return None
         best: Conflict | None = None
-        for o, segs in node.posix.items():
-            if o == owner:
-                continue
-            for s in segs:
-                if s.start > end:
-                    break
-                if s.end >= start and _conflicts(type, s.type):
-                    if best is None or s.start < best.start:
-                        best = Conflict(s.type, s.start, s.end, s.pid, o)
-                    break
+        for o, s in _posix_conflicts(node, owner, type, start, end):
+            if best is None or s.start < best.start:
+                best = Conflict(s.type, s.start, s.end, s.pid, o)
         return best
 
     def posix_locks(self, ino, owner) -> list[tuple[int, int, int]]:
@@ -311,8 +304,8 @@ class LockTable:
         return False
 
 
-def _posix_blockers(node: _Inode, owner, type: int, start: int, end: int) -> set:
-    out = set()
+def _posix_conflicts(node: _Inode, owner, type: int, start: int, end: int):
+    """(owner, first segment) of every other owner with a lock conflicting with `type` on [start, end]."""
     for o, segs in node.posix.items():
         if o == owner:
             continue
@@ -320,9 +313,12 @@ def _posix_blockers(node: _Inode, owner, type: int, start: int, end: int) -> set
             if s.start > end:
                 break
             if s.end >= start and _conflicts(type, s.type):
-                out.add(o)
+                yield o, s
                 break
-    return out
+
+
+def _posix_blockers(node: _Inode, owner, type: int, start: int, end: int) -> set:
+    return {o for o, _ in _posix_conflicts(node, owner, type, start, end)}
 
 
 def _flock_blockers(node: _Inode, owner, type: int) -> list:

@@ -45,6 +45,14 @@ def attr_list(node: Inode) -> list:
             node.ctime, node.rdev, node.version, node.xattrs, node.target, {}, node.parent]
 
 
+def _hold(table: dict[int, set[str]], peer: str, ino: int) -> None:
+    s = table.get(ino)
+    if s is None:
+        table[ino] = {peer}
+    else:
+        s.add(peer)
+
+
 def gone(ino: int) -> Inode:
     """What a replayed unlink returns once the inode was freed since."""
     n = Inode(ino, 0o100000, 0, 0, 0)
@@ -78,18 +86,10 @@ class LeaderRole:
 
     # -- callbacks ----------------------------------------------------------------------------
     def _hold_attr(self, peer: str, ino: int) -> None:
-        s = self.attr_cb.get(ino)
-        if s is None:
-            self.attr_cb[ino] = {peer}
-        else:
-            s.add(peer)
+        _hold(self.attr_cb, peer, ino)
 
     def _hold_dir(self, peer: str, ino: int) -> None:
-        s = self.dir_cb.get(ino)
-        if s is None:
-            self.dir_cb[ino] = {peer}
-        else:
-            s.add(peer)
+        _hold(self.dir_cb, peer, ino)
 
     def evict(self, peer: str) -> None:
         for table in (self.attr_cb, self.dir_cb):
