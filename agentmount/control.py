@@ -87,6 +87,11 @@ async def _dispatch(vfs, req: dict):
         await vfs.create_workspace(req["name"], req.get("uid", os.getuid()), req.get("gid", os.getgid()),
                                    req.get("mode", 0o755))
         return req["name"]
+    if cmd == "sweep":
+        ws = vfs.workspaces.get(req.get("workspace"))
+        if ws is None:
+            raise FsError(2, f"no workspace {req.get('workspace')!r}")
+        return await vfs.sweep(ws)
     if cmd == "workspace.delete":
         await vfs.delete_workspace(req["name"], force=bool(req.get("force")))
         return req["name"]

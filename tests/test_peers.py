@@ -689,6 +689,52 @@ def test_disagreeing_peer_lists_never_hang(peer_cluster):
     c.umount_all()
 
 
+def _sweep(peer) -> int:
+    from agentmount import control
+    resp = control.request(str(peer.data), {"cmd": "sweep", "workspace": WS}, timeout=60)
+    assert resp and resp.get("ok"), resp
+    return resp["result"]
+
+
+@pytest.mark.slow
+def test_leader_sweep_spares_followers_writes_and_collects_crash_leftovers(peer_cluster):
+    """The leader's sweep of unreferenced blocks never deletes blocks a follower uploaded for a
+    file it has not closed yet (even past the grace period), skips a round while a peer is
+    down, and collects what a SIGKILLed follower left once every peer answers again."""
+    c = peer_cluster(fs={"block_size_kb": 64, "gc_grace_s": 0})
+    c.mount_all()
+    leader, _ = c.wait_leader(timeout=30)
+    f1, f2 = [p for p in c.real if p.name != leader]
+    keep = os.urandom(300_000)
+    write_file(f1.ws / "keep", keep)
+    data = os.urandom(2 << 20)
+    with open(f1.ws / "open-long", "wb") as f:
+        f.write(data)          # full blocks upload at once, uncommitted until close
+        f.flush()
+        store_blocks = c.store / "ws" / WS / "blocks"
+        wait_until(lambda: sum(len(fs) for _, _, fs in os.walk(store_blocks)) >= 30, 30, "uploads in flight")
+        assert _sweep(c[leader]) == 0
+    assert _read(f2.ws / "open-long") == data
+    # a follower dies mid-write: its blocks are garbage, but only once it can be asked again
+    g = open(f2.ws / "unclosed", "wb")
+    g.write(os.urandom(2 << 20))
+    g.flush()
+    wait_until(lambda: sum(len(fs) for _, _, fs in os.walk(store_blocks)) >= 60, 30, "more uploads")
+    c.kill(f2.name)
+    try:
+        g.close()
+    except OSError:
+        pass
+    assert _sweep(c[leader]) == 0          # a peer is down: no round
+    c.mount(f2.name)
+    wait_until(lambda: _sweep(c[leader]) >= 1, 30, "a sweep after the follower is back")
+    for p in c.real:
+        assert _read(p.ws / "keep") == keep and _read(p.ws / "open-long") == data, p.name
+    c.umount_all()
+    r = c.fsck()
+    assert r.returncode == 0 and "unreferenced" not in r.stdout, r.stdout
+
+
 # -- 7. performance --------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -71,6 +71,10 @@ class KernelHooks:
     def open_inodes(self) -> list[int]:
         return []
 
+    def pending_sids(self) -> list[str]:
+        """Ids of blocks stored here for writes not committed yet (the leader's sweep spares them)."""
+        return []
+
     def attrs_stale(self, ino: int) -> None:
         """Drop the kernel's attributes of `ino` now (never blocks)."""
 
@@ -289,6 +293,33 @@ class PeeredNamespace(NamespaceService):
                 if isinstance(ino, int) and ino in role.local.state.inodes:
                     role.open_by.setdefault(ino, set()).add(peer)
 
+    @property
+    def leading(self) -> bool:
+        return self._leading() is not None
+
+    async def pending_elsewhere(self) -> set[str] | None:
+        """Block ids the other peers hold for uncommitted writes; None unless every one answered."""
+        if not self.multi:
+            return set()
+        out: set[str] = set()
+        missing: list[str] = []
+
+        async def ask(peer: str) -> None:
+            try:
+                r = await self.node.call(peer, "ns.pending", {"ws": self.ws}, timeout=self.invalidate_timeout,
+                                         retries=1)
+            except (PeerUnavailable, RemoteError):
+                missing.append(peer)
+                return
+            if not isinstance(r, list):
+                missing.append(peer)
+                return
+            out.update(x for x in r if isinstance(x, str))
+        async with trio.open_nursery() as n:
+            for peer in self.node.clients:
+                n.start_soon(ask, peer)
+        return None if missing else out
+
     async def _send_inval(self, peer: str, body: dict) -> Any:
         return await self.node.call(peer, "ns.inval", body, timeout=self.invalidate_timeout, retries=2)
 
@@ -298,6 +329,8 @@ class PeeredNamespace(NamespaceService):
             return await self._on_inval(sender, body)
         if op == "reset":
             return await self._on_reset(sender, body)
+        if op == "pending":
+            return self.kernel.pending_sids()
         role = self._leading()
         if role is None or self.closing:
             raise RemoteError("not_leader", f"{self.me} does not lead {self.ws}")

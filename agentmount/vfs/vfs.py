@@ -254,9 +254,7 @@ class VFS:
                                          self.cfg.fs.compact_slices)
                 n.start_soon(ws.meta.run)
                 n.start_soon(ws.compactor.run)
-                if not self.multi:
-                    # With peers, blocks being written on another peer look unreferenced here.
-                    n.start_soon(self._sweeper, ws)
+                n.start_soon(self._sweeper, ws)
                 n.start_soon(self._inline_uploader, ws)
                 task_status.started()
 
@@ -264,6 +262,9 @@ class VFS:
         """Now and then, delete block objects nothing references (left by a crash mid-write)."""
         await trio.sleep(min(60.0, max(1.0, self.cfg.fs.gc_grace_s)))
         while True:
+            if not ws.meta.leading:
+                await trio.sleep(5.0)     # only the leader sweeps; it may be us after a failover
+                continue
             try:
                 await self.sweep(ws)
             except Exception as e:  # noqa: BLE001 - retried at the next round
@@ -274,17 +275,23 @@ class VFS:
         """Delete unreferenced blocks older than the grace period; returns how many.
 
         Never touches blocks of writes in flight: ids buffered in open files, pinned inline
-        blocks and compactions in progress are spared, and so is anything younger than the grace.
+        blocks and compactions in progress are spared — here and, with peers, on every other
+        peer (asked first; a round is skipped unless all of them answer) — and so is anything
+        younger than the grace. Only the workspace's leader sweeps.
         """
+        if not ws.meta.leading:
+            return 0
         prefix = f"ws/{ws.name}/blocks/"
         infos = [i async for i in self.store.list(prefix)]
-        # Taken in one step with no await, so no commit can move an id between the two sets.
-        spared = ws.meta.referenced_sids()
-        for d in ws.dirty.values():
-            spared |= d.pending_sids()
-        spared |= {k.rsplit("/", 1)[1].rsplit("_", 1)[0] for k in self.blockio.pinned}
-        if ws.compactor is not None:
-            spared |= ws.compactor.inflight
+        elsewhere = await ws.meta.pending_elsewhere()
+        if elsewhere is None:
+            log.info("workspace %s: block sweep skipped (not every peer answered)", ws.name)
+            return 0
+        if not ws.meta.leading:
+            return 0
+        # Taken in one step with no await, so no commit can move an id between the sets (a
+        # peer's commit that removed an id from its answer is in our state by now).
+        spared = ws.meta.referenced_sids() | elsewhere | self.pending_sids(ws)
         cutoff = time.time() - self.cfg.fs.gc_grace_s
         n = 0
         for info in infos:
@@ -297,6 +304,16 @@ class VFS:
             log.info("workspace %s: swept %d unreferenced block(s)", ws.name, n)
         ws.swept += n
         return n
+
+    def pending_sids(self, ws: Workspace) -> set[str]:
+        """Ids of blocks this peer stored or is storing for `ws` that no commit references yet."""
+        spared: set[str] = set()
+        for d in ws.dirty.values():
+            spared |= d.pending_sids()
+        spared |= {k.rsplit("/", 1)[1].rsplit("_", 1)[0] for k in self.blockio.pinned}
+        if ws.compactor is not None:
+            spared |= ws.compactor.inflight
+        return spared
 
     def _on_gc(self, key: str) -> None:
         self.blockio.mem.discard(key)
@@ -942,6 +959,9 @@ class _Kernel(KernelHooks):
 
     def open_inodes(self) -> list[int]:
         return [i for i, n in self.ws.opens.items() if n > 0]
+
+    def pending_sids(self) -> list[str]:
+        return sorted(self.vfs.pending_sids(self.ws))
 
     def attrs_stale(self, ino: int) -> None:
         ii = self.vfs.inval_inode
