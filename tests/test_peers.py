@@ -689,6 +689,52 @@ def test_disagreeing_peer_lists_never_hang(peer_cluster):
     c.umount_all()
 
 
+def test_replayed_change_is_not_applied_twice(peer_cluster):
+    """A change message captured and sent again (same request id) — at once, and after the
+    name was removed — is answered with its first outcome and never applied a second time."""
+    import stat as st
+
+    import trio
+
+    from agentmount.peer import RpcClient
+    from agentmount.peer.wire import new_id
+
+    c = peer_cluster()
+    c.mount_all()
+    leader, epoch = c.wait_leader(timeout=30)
+    f = next(p for p in c.real if p.name != leader)
+    me, lead = c.idents[f.name], c.idents[leader]
+    rid = new_id()
+    body = {"ws": WS, "a": [1, b"replayed", st.S_IFREG | 0o644, 0, 0, 0, None], "rid": rid}
+
+    async def send(request_id: bytes):
+        client = RpcClient(lead.endpoint, name=f.name, peer=leader, server_public_key=lead.public,
+                           public_key=me.public, secret_key=me.secret, timeout=10)
+        async with trio.open_nursery() as n:
+            await n.start(client.run)
+            try:
+                return await client.call("ns.mknod", body, request_id=request_id)
+            finally:
+                n.cancel_scope.cancel()
+
+    first = trio.run(send, rid)
+    ino = first["r"]["r"][0]
+    assert (c[leader].ws / "replayed").exists()
+    again = trio.run(send, rid)                       # the same message: the RPC layer's answer
+    assert again["r"]["r"][0] == ino
+    os.unlink(f.ws / "replayed")
+    from agentmount.peer import RemoteError
+    try:                                              # same change id in a new envelope
+        late = trio.run(send, new_id())
+        assert late["r"]["r"][0] == ino
+    except BaseExceptionGroup as g:                   # or: the inode it made is gone (ENOENT)
+        e = g.exceptions[0]
+        assert isinstance(e, RemoteError) and (e.code, e.message) == ("fs", str(errno.ENOENT)), g
+    for p in c.real:
+        assert _missing(p.ws / "replayed"), p.name      # not made again
+    c.umount_all()
+
+
 def _sweep(peer) -> int:
     from agentmount import control
     resp = control.request(str(peer.data), {"cmd": "sweep", "workspace": WS}, timeout=60)
