@@ -153,6 +153,9 @@ class PeeredNamespace(NamespaceService):
             if lead.workspace == self.ws and event == "acquired":
                 got.set()
         leases.add_listener(listener)
+        if not self.multi:
+            # A lone peer leads at once; the mount serves only once it has loaded (or failed).
+            await leases.acquire(self.ws)
         leases.campaign(self.ws)
         try:
             while True:
