@@ -507,7 +507,7 @@ def test_intruder_is_refused(peer_cluster):
             for n, st in c.statuses(among=c.real).items():
                 assert st and st.get("leader") in c.names, (n, _brief(st))
             assert time.monotonic() < t_end + 4 * bound, f"intruder calls still running: {outcomes}"
-            time.sleep(0.2)
+            time.sleep(0.2)   # the sampling period of an invariant watched over a window (not a wait)
         for what, res in outcomes.items():
             if isinstance(res, BaseException):
                 raise res
