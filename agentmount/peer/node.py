@@ -70,8 +70,11 @@ class PeerNode:
                     self.auth = peer_keys.Authenticator({p.public_key: p.name for p in cfg.peers})
                     await n.start(self.auth.run)
                     assert cfg.node.listen and cfg.node.secret_key
+                    # Namespace calls may wait for durability or a follower's ack; lease votes
+                    # and pings must never queue behind them, hence the generous limit.
                     self.server = RpcServer(cfg.node.listen, self._handle, name=self.name,
-                                            secret_key=cfg.node.secret_key, auth=self.auth)
+                                            secret_key=cfg.node.secret_key, auth=self.auth,
+                                            max_concurrency=4096)
                     await n.start(self.server.run)
                     for c in self.clients.values():
                         await n.start(c.run)
