@@ -487,8 +487,9 @@ def _setid_table(d: Path) -> dict:
 
 
 def test_setid_semantics_match_linux(shared_mount, tmp_path):
-    if not stats(shared_mount)["info"]["killpriv_v2"]:
-        pytest.skip("FUSE_HANDLE_KILLPRIV_V2 not negotiated (kernel or AGENTMOUNT_KILLPRIV_V2=0)")
+    # With FUSE_HANDLE_KILLPRIV_V2 agentmount clears suid/sgid itself, without it the kernel
+    # does: either way the outcome must be Linux's.
+    v2 = stats(shared_mount)["info"]["killpriv_v2"]
     fs = shared_mount.ws / "setid"
     fs.mkdir()
     local = tmp_path / "setid"
@@ -496,7 +497,7 @@ def test_setid_semantics_match_linux(shared_mount, tmp_path):
     os.chmod(tmp_path, 0o755)
     want, got = _setid_table(local), _setid_table(fs)
     diff = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
-    assert not diff, f"(local dir, mount) differ: {diff}"
+    assert not diff, f"(local dir, mount) differ with killpriv_v2={v2}: {diff}"
     # The rules themselves, as Linux has them (the local directory says the same):
     assert got["write-6777-65534-nobody"] == "0o777"       # non-root write: suid and sgid+g+x go
     assert got["write-6767-65534-nobody"] == "0o2767"      # sgid without g+x stays (caller in group)

@@ -28,6 +28,14 @@ def _files(rnd: random.Random, n: int) -> dict[str, bytes]:
     return out
 
 
+def _write_files(m: Mount, seed: int, n: int) -> dict[str, bytes]:
+    """Write `n` files of assorted sizes into the mount's workspace; returns name -> bytes."""
+    files = _files(random.Random(seed), n)
+    for name, data in files.items():
+        (m.ws / name).write_bytes(data)
+    return files
+
+
 def _status(m: Mount) -> dict:
     r = m.cli("status", "--json")
     assert r.returncode == 0, r.stderr
@@ -83,9 +91,7 @@ def test_deleted_and_corrupted_copies_are_read_around_and_scrubbed(tmp_path, sea
     m = Mount(tmp_path, conf_text=s3_conf(tmp_path, servers, fs={"store_timeout_s": 20}))
     try:
         m.mount()
-        files = _files(random.Random(2), 12)
-        for name, data in files.items():
-            (m.ws / name).write_bytes(data)
+        files = _write_files(m, 2, 12)
         m.umount()
         blocks = _objects(servers[0])
         assert len(blocks) >= 8
@@ -121,9 +127,7 @@ def test_quorum_out_of_reach_gives_eio_in_time_and_reads_survive(tmp_path, seawe
     m = Mount(tmp_path, conf_text=s3_conf(tmp_path, servers, write_quorum=2, fs={"store_timeout_s": timeout}))
     try:
         m.mount()
-        files = _files(random.Random(4), 8)
-        for name, data in files.items():
-            (m.ws / name).write_bytes(data)
+        files = _write_files(m, 4, 8)
         m.umount()
         shutil.rmtree(tmp_path / "cache")   # cold: reads below must reach a store
         m.mount()
@@ -156,9 +160,7 @@ def test_peer_restarted_with_pending_repairs_resumes_and_drains(tmp_path, seawee
     try:
         m.mount()
         servers[2].kill()
-        files = _files(random.Random(5), 10)
-        for name, data in files.items():
-            (m.ws / name).write_bytes(data)
+        files = _write_files(m, 5, 10)
         pending = _queues(m)[2]
         assert pending > 0
         m.kill()   # the peer dies with its repair queue not empty

@@ -116,7 +116,7 @@ class PeeredNamespace(NamespaceService):
         self.gen = 0                     # bumped by every invalidation (a fetch racing one is not cached)
         self.attrs: dict[int, Inode] = {}
         self.entries: dict[tuple[int, bytes], int] = {}
-        self.slice_cache: dict[tuple[int, int], list[Slice]] = {}
+        self.slice_cache: dict[int, dict[int, list[Slice]]] = {}   # ino -> chunk -> slices
         self.rpcs = 0
         self.failovers = 0
         self._fresh: dict[int, Inode] = {}   # created here with the open noted by the leader
@@ -403,8 +403,7 @@ class PeeredNamespace(NamespaceService):
         self.gen += 1
         for ino in inos:
             self.attrs.pop(ino, None)
-            for k in [k for k in self.slice_cache if k[0] == ino] if self.slice_cache else ():
-                del self.slice_cache[k]
+            self.slice_cache.pop(ino, None)
         for ent in entries:
             self.entries.pop(ent, None)
 
@@ -740,13 +739,13 @@ class PeeredNamespace(NamespaceService):
         if role is not None:
             return await role.local.slices(ino, chunk)
         if self._trusted():
-            s = self.slice_cache.get((ino, chunk))
+            s = self.slice_cache.get(ino, {}).get(chunk)
             if s is not None:
                 return list(s)
         gen = self.gen
         out = await self._rpc("slices", [ino, chunk])
         if gen == self.gen and self.role is Role.FOLLOWER:
-            self.slice_cache[(ino, chunk)] = out
+            self.slice_cache.setdefault(ino, {})[chunk] = out
         return list(out)
 
     async def sync(self, seq: int | None = None) -> None:
