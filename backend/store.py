@@ -62,6 +62,9 @@ class ObjectStore(abc.ABC):
     # True when reads are served from a local disk as fast as a block cache could serve them,
     # so the chunk layer keeps no second copy of its blocks in the disk cache.
     is_local: bool = False
+    # True when `write_at` is supported: a durable write into an existing object costs one data
+    # flush, no object creation. Journals use it for append-only logs (see agentmount.meta.journal).
+    appendable: bool = False
 
     @abc.abstractmethod
     async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -76,6 +79,19 @@ class ObjectStore(abc.ABC):
         With sync=False the object may be lost or torn by a crash until the
         next `barrier()` returns; callers use it only for data they can rebuild.
         """
+
+    async def put_many(self, items: "Sequence[tuple[str, bytes | Sequence[bytes]]]", *, sync: bool = True) -> None:
+        """put() each (key, data) of `items` (default: one after the other). Stores where a
+        put is a local file write do them all in one worker-thread call."""
+        for key, data in items:
+            await self.put(key, data, sync=sync)
+
+    async def write_at(self, key: str, data: "bytes | Sequence[bytes]", offset: int, *, sync: bool = True) -> None:
+        """Write `data` at `offset` of object `key` (created when `offset` is 0 and it is
+        missing), cutting off whatever lay at or beyond `offset` (a torn earlier attempt), and
+        make it durable unless `sync` is False. Raises StoreError when the object is shorter
+        than `offset`. Only stores with `appendable` set offer it; callers check that first."""
+        raise StoreError(f"{self.name}: objects cannot be written in place")
 
     @abc.abstractmethod
     async def head(self, key: str) -> ObjectInfo | None:

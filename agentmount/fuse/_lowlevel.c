@@ -31,6 +31,10 @@
  *     flag on its way out. Splice reads are turned off with it: every request must arrive
  *     in memory for the flags to be read.
  *  4. Counts of requests per opcode (op_counts()).
+ *  5. While Python says no file carries a security.capability xattr (set_no_capabilities),
+ *     the kernel's getxattr of that name (before the first write to a file, at chown) is
+ *     answered ENODATA here, without a trip through Python. Python turns it off before the
+ *     first such xattr is stored, and never turns it on where other peers could store one.
  *
  * Threads: everything runs on the thread that runs trio and pyfuse3's session loop, which
  * calls fuse_session_process_buf holding the GIL. Nothing here may be called from another
@@ -82,6 +86,8 @@ static struct {
 } cur;
 
 static unsigned long long op_counts[NOPS];
+static int no_capabilities;                 /* see 5. above */
+static unsigned long long capability_shortcuts;
 static uint64_t kernel_flags;      /* what the kernel's INIT offered (flags | flags2 << 32) */
 static unsigned init_capable, init_want;
 static int session_hooked, init_seen, want_killpriv_v2, killpriv_v2, patch_init;
@@ -259,6 +265,16 @@ static void ll_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     orig_ops.release(req, ino, fi);
 }
 
+static void ll_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    if (no_capabilities && strcmp(name, "security.capability") == 0) {
+        capability_shortcuts++;
+        fuse_reply_err(req, ENODATA);
+        return;
+    }
+    orig_ops.getxattr(req, ino, name, size);
+}
+
 /* Pass-through io, installed only to see the INIT reply go out (FUSE_HANDLE_KILLPRIV_V2). */
 static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
 {
@@ -336,6 +352,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         our_ops.flush = ll_flush;
     if (orig_ops.release)
         our_ops.release = ll_release;
+    if (orig_ops.getxattr)
+        our_ops.getxattr = ll_getxattr;
     init_seen = killpriv_v2 = patch_init = 0;
     session = real_session_new(args, &our_ops, sizeof our_ops, userdata);
     session_hooked = session != NULL;
@@ -466,6 +484,15 @@ static PyObject *py_enable_killpriv_v2(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *py_set_no_capabilities(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    no_capabilities = on;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_killpriv_v2(PyObject *self, PyObject *noargs)
 {
     return PyBool_FromLong(killpriv_v2);
@@ -473,11 +500,13 @@ static PyObject *py_killpriv_v2(PyObject *self, PyObject *noargs)
 
 static PyObject *py_info(PyObject *self, PyObject *noargs)
 {
-    return Py_BuildValue("{s:O,s:O,s:K,s:I,s:I,s:O,s:O,s:n}", "session_hooked", session_hooked ? Py_True : Py_False,
+    return Py_BuildValue("{s:O,s:O,s:K,s:I,s:I,s:O,s:O,s:n,s:O,s:K}", "session_hooked", session_hooked ? Py_True : Py_False,
                          "init_seen", init_seen ? Py_True : Py_False, "kernel_flags",
                          (unsigned long long) kernel_flags, "capable", init_capable, "want", init_want,
                          "killpriv_v2", killpriv_v2 ? Py_True : Py_False, "lock_handler",
-                         lock_cb ? Py_True : Py_False, "pending", (Py_ssize_t) npending);
+                         lock_cb ? Py_True : Py_False, "pending", (Py_ssize_t) npending,
+                         "no_capabilities", no_capabilities ? Py_True : Py_False, "capability_shortcuts",
+                         capability_shortcuts);
 }
 
 static PyObject *py_op_counts(PyObject *self, PyObject *noargs)
@@ -517,6 +546,9 @@ static PyMethodDef methods[] = {
      "request being dispatched; fh/lock_owner/flock_release are set for flush and release only."},
     {"enable_killpriv_v2", py_enable_killpriv_v2, METH_O,
      "enable_killpriv_v2(bool): negotiate FUSE_HANDLE_KILLPRIV_V2 at the next INIT if the kernel offers it."},
+    {"set_no_capabilities", py_set_no_capabilities, METH_O,
+     "set_no_capabilities(bool): while True, getxattr('security.capability') is answered ENODATA "
+     "without calling Python (no file has one)."},
     {"killpriv_v2", py_killpriv_v2, METH_NOARGS,
      "killpriv_v2() -> bool: the kernel leaves suid/sgid to us (see killpriv.py)."},
     {"info", py_info, METH_NOARGS, "info() -> dict: whether the session was hooked, what INIT negotiated."},

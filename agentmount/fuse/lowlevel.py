@@ -43,6 +43,7 @@ pending = ext.pending
 op_counts = ext.op_counts
 info = ext.info
 killpriv_v2 = ext.killpriv_v2
+set_no_capabilities = ext.set_no_capabilities
 
 
 class Request(NamedTuple):

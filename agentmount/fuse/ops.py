@@ -59,6 +59,9 @@ class Operations(pyfuse3.Operations):
         self.entry_timeout = entry_timeout
         # Lock requests go to the VFS's lock service; without one the kernel keeps locks local.
         self.locks = getattr(vfs, "locks", None)
+        # The kernel's security.capability lookups are answered in C while no file has one.
+        lowlevel.set_no_capabilities(not vfs.capabilities_seen)
+        vfs.on_capability = lambda: lowlevel.set_no_capabilities(False)
         if not lowlevel.HOOKED:
             log.warning("pyfuse3 was imported before agentmount.fuse: no lock requests, no KILLPRIV_V2")
         if self.locks is not None:

@@ -3,6 +3,11 @@
 Keys: `ws/<ws>/journal/<epoch:010d>-<first_seq:016d>` hold a batch of
 records (msgpack, wrapped in the checksummed block format);
 `ws/<ws>/snapshots/<seq:016d>` hold the whole state after record `seq`.
+On stores that write in place (`ObjectStore.appendable`: a local directory)
+batches are instead appended as frames to a log object, the same key plus
+`.log`, rolled over every LOG_ROLL_BYTES: a durable commit then costs one
+data flush instead of creating a file. Only the last frame of a log can be
+torn (by a crash mid-append; it was never acknowledged), and is ignored.
 
 The committer writes one segment at a time, so the durable journal is always
 a gap-free prefix. Recovery = newest readable snapshot + replay of later
@@ -14,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import struct
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -29,7 +35,11 @@ from backend.store import NotFound, ObjectStore, StoreError
 
 log = logging.getLogger("agentmount.journal")
 
-_SEG_RE = re.compile(r"/journal/(\d{10})-(\d{16})$")
+_SEG_RE = re.compile(r"/journal/(\d{10})-(\d{16})(\.log)?$")
+LOG_SUFFIX = ".log"
+LOG_ROLL_BYTES = 4 << 20
+_FRAME = struct.Struct("<4sI")
+_FRAME_MAGIC = b"AMJF"
 _SNAP_RE = re.compile(r"/snapshots/(\d{16})$")
 
 
@@ -68,6 +78,55 @@ def encode_segment(ws: str, epoch: int, records: list[dict]) -> bytes:
 
 def decode_segment(data: bytes) -> dict:
     return unpack(block.decode(data))
+
+
+def log_key(ws: str, epoch: int, first: int) -> str:
+    return segment_key(ws, epoch, first) + LOG_SUFFIX
+
+
+def encode_frame(segment: bytes) -> bytes:
+    return _FRAME.pack(_FRAME_MAGIC, len(segment)) + segment
+
+
+def _frame_at(view: memoryview, pos: int) -> tuple[dict, int]:
+    """The segment framed at `pos` and where its frame ends; CorruptBlock/ValueError if bad."""
+    if len(view) - pos < _FRAME.size:
+        raise block.CorruptBlock("partial frame header")
+    magic, n = _FRAME.unpack_from(view, pos)
+    if magic != _FRAME_MAGIC:
+        raise block.CorruptBlock("bad frame magic")
+    end = pos + _FRAME.size + n
+    if end > len(view):
+        raise block.CorruptBlock("frame runs past the end")
+    return decode_segment(bytes(view[pos + _FRAME.size:end])), end
+
+
+def decode_log(data: bytes) -> tuple[list[dict], int]:
+    """The segments framed in a journal log, and how many bytes at its end are a torn frame.
+
+    A bad frame is a torn last append when no good frame follows it (appends after a failed
+    one go to a new log, and a crash ends the log); otherwise acknowledged records lie
+    beyond damage, and that is corruption (CorruptBlock).
+    """
+    segs: list[dict] = []
+    view = memoryview(data)
+    pos = 0
+    while pos < len(data):
+        try:
+            seg, end = _frame_at(view, pos)
+        except (block.CorruptBlock, ValueError) as e:
+            j = data.find(_FRAME_MAGIC, pos + 1)
+            while j >= 0:
+                try:
+                    _frame_at(view, j)
+                except (block.CorruptBlock, ValueError):
+                    j = data.find(_FRAME_MAGIC, j + 1)
+                    continue
+                raise block.CorruptBlock(f"journal log frame at byte {pos}: {e}") from None
+            return segs, len(data) - pos
+        segs.append(seg)
+        pos = end
+    return segs, 0
 
 
 @dataclass
@@ -119,16 +178,23 @@ async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
         if first >= limit:
             continue
         try:
-            _, seg = await store.get_checked(key, decode_segment)
+            if key.endswith(LOG_SUFFIX):
+                _, (batches, torn) = await store.get_checked(key, decode_log)
+                if torn:
+                    log.warning("journal log %s: %d byte(s) of a torn last append ignored", key, torn)
+            else:
+                _, seg = await store.get_checked(key, decode_segment)
+                batches = [seg]
         except (block.CorruptBlock, ValueError) as err:
             raise RecoveryError(f"journal segment {key} is corrupt: {err}") from None
-        for rec in seg["records"]:
-            s = rec["seq"]
-            if s <= state.seq or s >= limit:
-                continue
-            prev = records.get(s)
-            if prev is None or prev[0] < e:
-                records[s] = (e, rec)
+        for seg in batches:
+            for rec in seg["records"]:
+                s = rec["seq"]
+                if s <= state.seq or s >= limit:
+                    continue
+                prev = records.get(s)
+                if prev is None or prev[0] < e:
+                    records[s] = (e, rec)
     replayed = 0
     inline: dict[str, bytes] = snap_inline
     for s in sorted(records):
@@ -168,6 +234,10 @@ class Journal:
         # segment whose put ends after that is never acknowledged (waiters get Deposed).
         self.fence: "Callable[[], bool] | None" = None
         self.deposed = False
+        # Append-only log (stores that write in place): current log key and its durable length.
+        self.appendable = store.appendable
+        self._log: str | None = None
+        self._log_size = 0
 
     def append(self, rec: dict) -> int:
         """Stamp `rec` with the next seq and queue it for the next segment."""
@@ -228,21 +298,30 @@ class Journal:
                 data = encode_segment(self.ws, self.epoch, batch)  # tens of microseconds: not worth a thread hop
             else:
                 data = await trio.to_thread.run_sync(encode_segment, self.ws, self.epoch, batch)
-            key = segment_key(self.ws, self.epoch, batch[0]["seq"])
+            if self.appendable:
+                data = encode_frame(data)
             started = trio.current_time()
             while True:
                 if self.fence is not None and not self.fence():
                     self._depose()
                     return
+                key = self._target(batch[0]["seq"])
                 try:
                     with trio.fail_after(self.timeout):
-                        await self.store.put(key, data)
+                        if self.appendable:
+                            await self.store.write_at(key, data, self._log_size)
+                            self._log_size += len(data)
+                        else:
+                            await self.store.put(key, data)
                     self.error = None
                     backoff = 0.05
                     break
                 except (StoreError, trio.TooSlowError) as e:
                     self.error = str(e) or type(e).__name__
                     log.error("journal segment %s not written (%s); retrying", key, self.error)
+                    # A failed append may have left a torn frame: go on in a new log, which
+                    # starts with this batch (the torn frame stays the old log's last).
+                    self._log = None
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
             if self.fence is not None and not self.fence():
@@ -253,6 +332,15 @@ class Journal:
             self.durable_seq = batch[-1]["seq"]
             ev, self._progress = self._progress, trio.Event()
             ev.set()
+
+    def _target(self, first: int) -> str:
+        """Where the batch starting at `first` goes: a segment of its own, or the current log
+        (a new one at the first batch, after a failed append, and every LOG_ROLL_BYTES)."""
+        if not self.appendable:
+            return segment_key(self.ws, self.epoch, first)
+        if self._log is None or self._log_size >= LOG_ROLL_BYTES:
+            self._log, self._log_size = log_key(self.ws, self.epoch, first), 0
+        return self._log
 
     def _depose(self) -> None:
         self.deposed = True

@@ -45,9 +45,11 @@ MOUNT_ROOT = 1
 WS_SHIFT = 40
 LOCAL_MASK = (1 << WS_SHIFT) - 1
 PID_XATTR = b"user.agentmount.pid"
+CAPABILITY_XATTR = b"security.capability"
 INLINE_MAX = 1 << 20
 INLINE_BATCH_SECONDS = 5.0
 INLINE_BATCH_BYTES = 32 << 20
+INLINE_GROUP = 64          # inline-committed blocks stored per worker-thread call (local store)
 
 
 @dataclass(slots=True)
@@ -133,6 +135,12 @@ class VFS:
         # Kernel invalidations may wait on a directory lock (and be abandoned meanwhile): their
         # own threads, so they can never starve the journal's, the leases' or the stores'.
         self.inval_limiter = trio.CapacityLimiter(8)
+        # Whether any file may carry a security.capability xattr. While none can, the FUSE
+        # layer answers the kernel's lookups of it (one per first write and per chown) itself;
+        # `on_capability` (set by it) hears when that stops. With peers, any peer may store
+        # one at any time, so it is never assumed absent.
+        self.capabilities_seen = self.multi
+        self.on_capability: "Callable[[], None] | None" = None
         self.store = store
         self.blockio = blockio
         self.nursery = nursery
@@ -205,8 +213,16 @@ class VFS:
             raise
         return ws
 
+    def _capability_seen(self) -> None:
+        if not self.capabilities_seen:
+            self.capabilities_seen = True
+            if self.on_capability is not None:
+                self.on_capability()
+
     async def _on_lead(self, ws: Workspace, local: LocalNamespace, loaded: jr.Loaded) -> None:
         """This peer now leads `ws` and holds its state: finish what a crash left undone."""
+        if not self.capabilities_seen and any(CAPABILITY_XATTR in n.xattrs for n in loaded.state.inodes.values()):
+            self._capability_seen()
         if loaded.inline:
             # Blocks committed inline whose upload a crash cut short: store them from the journal.
             live = {s.sid for s in loaded.state.all_slices()}
@@ -542,6 +558,8 @@ class VFS:
         if gino == MOUNT_ROOT:
             raise FsError(errno.EPERM)
         ws, ino = self._resolve(gino)
+        if name == CAPABILITY_XATTR:
+            self._capability_seen()   # before it exists: the FUSE layer must stop answering for it
         await ws.meta.setxattr(ino, name, value)
 
     async def removexattr(self, gino: int, name: bytes) -> None:
@@ -682,26 +700,38 @@ class VFS:
                 await ws.inline_wake.wait()
             ws.inline_wake = trio.Event()
             batch, ws.inline_queue, ws.inline_queued_bytes = ws.inline_queue, [], 0
-            for key, data in batch:
-                ws.nursery.start_soon(self._upload_inline, ws, key, data)
+            if self.store.is_local:
+                # A local store writes a group in one worker-thread call: two thread hops per
+                # group instead of per block, which on the trio thread cost as much as a
+                # durable commit each (measured with many small files).
+                for i in range(0, len(batch), INLINE_GROUP):
+                    ws.nursery.start_soon(self._upload_inline, ws, batch[i:i + INLINE_GROUP])
+            else:
+                for item in batch:
+                    ws.nursery.start_soon(self._upload_inline, ws, [item])
 
-    async def _upload_inline(self, ws: Workspace, key: str, data: bytes) -> None:
+    async def _upload_inline(self, ws: Workspace, items: list[tuple[str, bytes]]) -> None:
         delay = 0.1
         try:
             while True:
                 try:
-                    # Not synced on its own: it is durable in the journal, and the snapshot
+                    # Not synced on their own: they are durable in the journal, and the snapshot
                     # barrier syncs the store before those journal segments can go.
-                    await self.blockio.put(key, data, sync=False)
+                    if len(items) == 1:
+                        await self.blockio.put(items[0][0], items[0][1], sync=False)
+                    else:
+                        await self.blockio.put_many(items, sync=False)
                     return
                 except FsError as e:
-                    log.warning("storing inline-committed block %s failed (%s); retrying", key, e)
+                    log.warning("storing %d inline-committed block(s) from %s failed (%s); retrying",
+                                len(items), items[0][0], e)
                     await trio.sleep(delay)
                     delay = min(delay * 2, 10.0)
         finally:
-            self.blockio.pinned.pop(key, None)
-            self.budget.release(len(data))
-            ws.inline_pending.discard(key)
+            for key, data in items:
+                self.blockio.pinned.pop(key, None)
+                self.budget.release(len(data))
+                ws.inline_pending.discard(key)
             if not ws.inline_pending:
                 ws.inline_idle.set()
 
