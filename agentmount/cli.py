@@ -209,6 +209,42 @@ def cmd_workspace(args) -> int:
     return 0
 
 
+def cmd_locks(args) -> int:
+    cfg = _load(args)
+    resp = control.request(cfg.node.data_dir, {"cmd": "locks", "workspace": args.workspace})
+    if resp is None:
+        print(f"agentmount: no peer is running on {cfg.node.data_dir} (locks live only while mounted)",
+              file=sys.stderr)
+        return 1
+    if not resp.get("ok"):
+        print(f"agentmount: {resp.get('error')}", file=sys.stderr)
+        return 1
+    result = resp["result"]
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    for ws, lst in sorted(result.items()):
+        if "error" in lst:
+            print(f"workspace {ws}: {lst['error']}")
+            continue
+        grace = ", re-assertion grace period" if lst.get("in_grace") else ""
+        print(f"workspace {ws}: {len(lst['held'])} held, {len(lst['waiting'])} waiting (epoch {lst['epoch']}{grace})")
+        for h in lst["held"]:
+            rng = f" [{h['start']}, {_end(h['end'])}]" if h["kind"] == "posix" else ""
+            ttl = "-" if h["ttl_left_s"] is None else f"{h['ttl_left_s']:.1f}s"
+            print(f"  HELD    {h.get('path') or '#%d' % h['ino']}  {h['kind']} {h['type']}{rng}  peer {h['peer']} "
+                  f"pid {h['pid']}  age {h['age_s']:.1f}s  ttl left {ttl}  token {h['token']}")
+        for w in lst["waiting"]:
+            rng = f" [{w['start']}, {_end(w['end'])}]" if w["kind"] == "posix" else ""
+            print(f"  WAITING {w.get('path') or '#%d' % w['ino']}  {w['kind']} {w['type']}{rng}  peer {w['peer']} "
+                  f"pid {w['pid']}  for {w['waiting_s']:.1f}s")
+    return 0
+
+
+def _end(end: int) -> str:
+    return "EOF" if end >= (1 << 63) - 1 else str(end)
+
+
 def cmd_fsck(args) -> int:
     from agentmount import fsck
     cfg = _load(args)
@@ -246,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="generate a CurveZMQ key pair for [node] public_key/secret_key")
     k.add_argument("action", choices=["generate"])
     k.set_defaults(fn=cmd_keys)
+    lk = with_config(sub.add_parser("locks", help="list held file locks and waiters (from the workspace leaders)"))
+    lk.add_argument("workspace", nargs="?", help="only this workspace")
+    lk.add_argument("--json", action="store_true")
+    lk.set_defaults(fn=cmd_locks)
     w = with_config(sub.add_parser("workspace", help="create, list or delete workspaces"))
     w.add_argument("action", choices=["create", "list", "delete"])
     w.add_argument("name", nargs="?")

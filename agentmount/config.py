@@ -41,6 +41,7 @@ class LeaseSettings:
     renew_s: float = 1.5
     failover_timeout_s: float = 30.0
     invalidate_timeout_s: float = 2.0
+    lock_ttl_s: float = 10.0
 
 
 @dataclass
@@ -155,7 +156,8 @@ _PEER = {"name": lambda v: isinstance(v, str) and bool(PEER_NAME_RE.match(v)), "
 _LEASE = {"duration_s": lambda v: _nonneg_num(v) and 0.2 <= v <= 600,
           "renew_s": lambda v: _nonneg_num(v) and v >= 0.05,
           "failover_timeout_s": lambda v: _nonneg_num(v) and 0.5 <= v <= 3600,
-          "invalidate_timeout_s": lambda v: _nonneg_num(v) and 0.05 <= v <= 600}
+          "invalidate_timeout_s": lambda v: _nonneg_num(v) and 0.05 <= v <= 600,
+          "lock_ttl_s": lambda v: _nonneg_num(v) and 2.0 <= v <= 3600}
 _TOP = {"node", "peer", "lease", "store", "replication", "cache", "fs", "log", "workspace", "webhook"}
 _HINT = {
     "block_size_kb": "a power of two between 64 and 16384",

@@ -1,6 +1,6 @@
 """The control socket of a running peer: `<data_dir>/control.sock`, JSON lines.
 
-The daemon answers `status`, `workspace.list/create/delete`; the CLI uses it
+The daemon answers `status`, `locks`, `sweep`, `workspace.list/create/delete`; the CLI uses it
 when a peer is running on that data dir and falls back to the store when not.
 Only the socket's owner can connect (mode 0600).
 """
@@ -92,6 +92,8 @@ async def _dispatch(vfs, req: dict):
         if ws is None:
             raise FsError(2, f"no workspace {req.get('workspace')!r}")
         return await vfs.sweep(ws)
+    if cmd == "locks":
+        return await vfs.lock_listing(req.get("workspace"))
     if cmd == "workspace.delete":
         await vfs.delete_workspace(req["name"], force=bool(req.get("force")))
         return req["name"]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import errno
+from types import SimpleNamespace
 
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 
@@ -315,13 +317,28 @@ def test_flock_waiters_model(ops):
 
 
 # -- LockService: the FUSE-facing bookkeeping (tokens, flush/release, OFD owners) -----------
+class _Meta:
+    """This peer leads the workspace: lock requests go to its LockLeader directly."""
+    leader = None
+
+    def lock_leader(self):
+        return self.leader
+
+
 class _Ws:
     name = "default"
 
+    def __init__(self) -> None:
+        self.meta = _Meta()
+
 
 class _FakeVFS:
+    def __init__(self) -> None:
+        self.node = SimpleNamespace(name="me")
+        self.ws = _Ws()
+
     def _resolve(self, gino):
-        return _Ws(), gino & 0xFFFF
+        return self.ws, gino & 0xFFFF
 
 
 class _Replies:
@@ -342,10 +359,19 @@ class _Replies:
 
 
 def _service():
+    from agentmount.locks.leader import LockLeader
     from agentmount.vfs.locking import LockService
-    s = LockService(_FakeVFS())
+    vfs = _FakeVFS()
+    s = LockService(vfs)
     s.replier = _Replies()
+    vfs.ws.meta.leader = LockLeader("me", "default", 10.0, lambda peer, w, err: s.granted(w.ident[1], {"err": err}),
+                                    lambda p: None)
     return s, s.replier
+
+
+def _run(fn, *args, **kw):
+    """Run one of the service's async calls (flush/release) to completion."""
+    return trio.run(lambda: fn(*args, **kw))
 
 
 G = (1 << 40) | 5   # a kernel inode number
@@ -357,13 +383,13 @@ def test_service_flush_drops_posix_locks_of_the_owner_only():
     s.setlk(2, G, fh=11, owner=200, type=F_WRLCK, start=20, end=29, sleep=False, pid=2)
     s.setlk(3, G, fh=11, owner=200, type=F_WRLCK, start=0, end=0, sleep=True, pid=2)   # waits for 100
     assert r.of(1) == [(0,)] and r.of(2) == [(0,)] and r.of(3) == []
-    s.flush(G, 999)                     # someone else's close: nothing
+    _run(s.flush, G, 999)                     # someone else's close: nothing
     assert r.of(3) == []
-    s.flush(G, 100)                     # 100 closes any fd: its locks go, 200 is granted
+    _run(s.flush, G, 100)                     # 100 closes any fd: its locks go, 200 is granted
     assert r.of(3) == [(0,)]
     s.getlk(4, G, owner=300, type=F_WRLCK, start=0, end=OFFSET_MAX)
     assert r.of(4) == [("lock", F_WRLCK, 0, 0, 2)]
-    s.flush(G, 200)
+    _run(s.flush, G, 200)
     assert s.status()["files"] == 0
 
 
@@ -373,16 +399,16 @@ def test_service_release_drops_flock_and_ofd_locks_not_process_locks():
     s.setlk(2, G, fh=10, owner=7010, type=F_WRLCK, start=0, end=9, sleep=False, pid=1)   # OFD: owner = file
     s.setlk(3, G, fh=11, owner=500, type=F_RDLCK, start=50, end=59, sleep=False, pid=2)  # process lock
     s.flock(4, G, fh=12, owner=7012, type=F_WRLCK, sleep=True, pid=3)
-    s.release(G, fh=10, owner=7010, flock_release=True)
+    _run(s.release, G, fh=10, owner=7010, flock_release=True)
     assert r.of(4) == [(0,)]
     s.getlk(5, G, owner=1, type=F_WRLCK, start=0, end=OFFSET_MAX)
     assert r.of(5) == [("lock", F_RDLCK, 50, 59, 2)]    # the OFD lock went, the process lock stayed
     # a process lock is tied to a handle only until its owner's next flush (any close)
-    s.flush(G, 500)
+    _run(s.flush, G, 500)
     s.setlk(6, G, fh=11, owner=500, type=F_RDLCK, start=50, end=59, sleep=False, pid=2)
-    s.flush(G, 500)
+    _run(s.flush, G, 500)
     s.setlk(7, G, fh=13, owner=500, type=F_RDLCK, start=50, end=59, sleep=False, pid=2)
-    s.release(G, fh=11, owner=0, flock_release=False)   # fh 11 no longer carries 500's lock
+    _run(s.release, G, fh=11, owner=0, flock_release=False)   # fh 11 no longer carries 500's lock
     s.getlk(8, G, owner=1, type=F_WRLCK, start=0, end=OFFSET_MAX)
     assert r.of(8) == [("lock", F_RDLCK, 50, 59, 2)]
 

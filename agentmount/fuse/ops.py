@@ -247,7 +247,7 @@ class Operations(pyfuse3.Operations):
         finally:
             # A close by lock_owner: its POSIX locks go, once the data is flushed.
             if self.locks is not None and r.opcode == lowlevel.FUSE_FLUSH and r.fh == fh:
-                self.locks.flush(r.ino, r.lock_owner)
+                await self.locks.flush(r.ino, r.lock_owner)
 
     @_errors
     async def release(self, fh):
@@ -257,7 +257,7 @@ class Operations(pyfuse3.Operations):
         finally:
             # The last close of the open file description: its flock (and OFD locks) go.
             if self.locks is not None and r.opcode == lowlevel.FUSE_RELEASE and r.fh == fh:
-                self.locks.release(r.ino, fh, r.lock_owner, r.flock_release)
+                await self.locks.release(r.ino, fh, r.lock_owner, r.flock_release)
 
     @_errors
     async def fsync(self, fh, datasync):

@@ -138,6 +138,29 @@ class LockTable:
         node = self._inodes.get(ino)
         return list(node.waiters) if node else []
 
+    def is_waiting(self, ident) -> bool:
+        return ident in self._waiters
+
+    def inodes(self) -> list:
+        """The inodes with any lock or waiter."""
+        return list(self._inodes)
+
+    def held(self, ino, owner) -> tuple[tuple[int, int] | None, list[tuple[int, int, int, int]]]:
+        """What `owner` holds on `ino`: its flock as (type, pid) or None, and its POSIX locks as
+        (start, end, type, pid), sorted."""
+        node = self._inodes.get(ino)
+        if node is None:
+            return None, []
+        return node.flocks.get(owner), [(s.start, s.end, s.type, s.pid) for s in node.posix.get(owner, ())]
+
+    def owners(self) -> set:
+        """Every owner that holds a lock or has a request waiting."""
+        out = {w.owner for w in self._waiters.values()}
+        for node in self._inodes.values():
+            out.update(node.posix)
+            out.update(node.flocks)
+        return out
+
     def has_state(self, ino) -> bool:
         return ino in self._inodes
 

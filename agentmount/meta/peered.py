@@ -32,14 +32,15 @@ import trio
 from agentmount.chunks.layout import Slice
 from agentmount.config import Config
 from agentmount.errors import Deposed, FsError
+from agentmount.locks.leader import LockLeader
 from agentmount.meta import journal as jr
 from agentmount.meta import workspaces as wsreg
 from agentmount.meta.leader import LeaderRole, attr_list
 from agentmount.meta.service import LocalNamespace, NamespaceService
-from agentmount.meta.state import Inode
+from agentmount.meta.state import ROOT_INO, Inode
 from agentmount.peer.lease import Leadership, NotLeader
 from agentmount.peer.node import PeerNode
-from agentmount.peer.rpc import PeerUnavailable, RemoteError
+from agentmount.peer.rpc import PeerError, PeerUnavailable, RemoteError
 from agentmount.peer.wire import new_id
 from backend.store import ObjectStore
 
@@ -103,6 +104,7 @@ class PeeredNamespace(NamespaceService):
         self.failover_timeout = cfg.lease.failover_timeout_s
         self.invalidate_timeout = cfg.lease.invalidate_timeout_s
         self.role = Role.ELECTING
+        self.locks: LockLeader | None = None   # the lock table, while leading
         self.lead: Leadership | None = None
         self.local: LocalNamespace | None = None
         self.leader: LeaderRole | None = None
@@ -124,6 +126,12 @@ class PeeredNamespace(NamespaceService):
         self.closing = False                 # shutting down: no more serving other peers
         self.on_gc: Callable[[str], object] | None = None
         self.before_snapshot = None
+        # Locks: the lock service's hooks (a grant pushed to us; the leader changed, so
+        # requests waiting at the old one are void), and how long a lock call may look for
+        # a leader before it fails with ENOLCK.
+        self.on_lock_grant: Callable[[int, dict], None] | None = None
+        self.on_lock_leader_change: Callable[[], None] | None = None
+        self.lock_ttl = cfg.lease.lock_ttl_s
 
     # -- roles ---------------------------------------------------------------------------------
     def _set_role(self, role: Role) -> None:
@@ -214,7 +222,13 @@ class PeeredNamespace(NamespaceService):
                           is_open_here=self.kernel.is_open, invalidate_timeout=self.invalidate_timeout)
         failed: Exception | None = None
         async with trio.open_nursery() as n:
+            # Peers alive now re-assert their locks before anything new is granted (grace).
+            expected = {self.me} | {p for p in self.node.clients if self.node.heard_within(p, 1.0)} if self.multi else ()
+            locks = LockLeader(self.me, self.ws, self.lock_ttl,
+                               lambda peer, w, err: self._notify_grant(n, peer, lead.epoch, w, err),
+                               self._heard_from, epoch=lead.epoch, expected=expected)
             n.start_soon(local.run)
+            n.start_soon(locks.run)
             try:
                 local._commit({"op": "epoch", "gap": self.multi})
                 await journal.wait_durable()
@@ -231,8 +245,10 @@ class PeeredNamespace(NamespaceService):
                 n.cancel_scope.cancel()
             else:
                 self.lead, self.leader, self.epoch = lead, role, lead.epoch
+                self.locks = locks
                 self.leader_name = self.me
                 self._drop_all()
+                self._lock_leader_changed()
                 self._set_role(Role.LEADER)
                 self._ready.set()
                 log.warning("event=leading ws=%s epoch=%d seq=%d replayed=%d", self.ws, lead.epoch,
@@ -245,7 +261,9 @@ class PeeredNamespace(NamespaceService):
                     self._lost_changes = True
                 journal._depose()
                 self.leader = None
+                self.locks = None
                 self.leader_name = None
+                self._lock_leader_changed()
                 self._set_role(Role.ELECTING)
                 n.cancel_scope.cancel()
         if failed is not None:
@@ -334,11 +352,25 @@ class PeeredNamespace(NamespaceService):
             return await self._on_reset(sender, body)
         if op == "pending":
             return self.kernel.pending_sids()
+        if op == "lkgrant":
+            return self._on_lock_grant(sender, body)
         role = self._leading()
         if role is None or self.closing:
             raise RemoteError("not_leader", f"{self.me} does not lead {self.ws}")
         try:
-            out = await role.serve(sender, op, body)
+            if op == "lk":
+                locks = self.locks
+                inc, a = body.get("inc"), body.get("a")
+                if locks is None or not isinstance(inc, bytes) or not isinstance(a, list) or not a:
+                    raise RemoteError("bad_request", "a lock request needs inc and a")
+                try:
+                    out = await locks.serve(sender, inc, a)
+                    if a[0] == "list":
+                        out = self._with_paths(out)
+                except (ValueError, TypeError) as e:
+                    raise RemoteError("bad_request", f"lock request: {e}") from None
+            else:
+                out = await role.serve(sender, op, body)
         except FsError as e:
             raise RemoteError("fs", str(e.errno)) from None
         except (Deposed, NotLeader):
@@ -346,6 +378,103 @@ class PeeredNamespace(NamespaceService):
         if self._leading() is not role:
             raise RemoteError("not_leader", f"{self.me} no longer leads {self.ws}")
         return {"r": out, "e": role.epoch, "g": role.cbgen.get(sender, 0)}
+
+    # -- locks ---------------------------------------------------------------------------------
+    def lock_leader(self) -> LockLeader | None:
+        """The workspace's lock table when this peer leads it (requests go there directly)."""
+        return self.locks if self._leading() is not None else None
+
+    async def lock_rpc(self, a: list, inc: bytes) -> Any:
+        """One lock request at the workspace's leader, wherever it is; ENOLCK when no leader
+        answers within `lock_ttl_s` (by then our locks may have lapsed anyway)."""
+        deadline = trio.current_time() + self.lock_ttl
+        rid = new_id()
+        delay = 0.02
+        while True:
+            now = trio.current_time()
+            if now >= deadline:
+                raise FsError(errno.ENOLCK, f"workspace {self.ws}: no leader answered lock requests within "
+                                            f"{self.lock_ttl:g}s")
+            leader = self.lock_leader()
+            if leader is not None:
+                out = await leader.serve(self.me, inc, a)
+                return self._with_paths(out) if a[0] == "list" else out
+            target = self._leader_hint()
+            if target is None or target == self.me:
+                with trio.move_on_at(min(deadline, now + 0.1)):
+                    await self._changed.wait()
+                continue
+            try:
+                reply = await self.node.call(target, "ns.lk", {"ws": self.ws, "a": a, "inc": inc},
+                                             timeout=min(1.0, deadline - now), request_id=rid, retries=1)
+            except RemoteError as e:
+                if e.code == "not_leader":
+                    await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
+                    delay = min(delay * 2, 0.5)
+                    continue
+                raise FsError(errno.ENOLCK, f"leader {target}: {e.code}: {e.message}") from None
+            except PeerUnavailable:
+                await trio.sleep(0.01)
+                continue
+            if not isinstance(reply, dict) or not isinstance(reply.get("e"), int):
+                raise FsError(errno.ENOLCK, f"leader {target}: malformed lock reply")
+            if reply["e"] < self.epoch:
+                continue
+            self._adopt(target, reply["e"])
+            return reply["r"]
+
+    async def lock_listing(self, inc: bytes) -> dict:
+        """The leader's held locks and waiters, each with the file's path."""
+        out = await self.lock_rpc(["list"], inc)
+        if not isinstance(out, dict):
+            raise FsError(errno.EIO, "malformed lock listing")
+        return out
+
+    def _with_paths(self, listing: dict) -> dict:
+        local = self.local
+        if local is None:
+            return listing
+        names = paths_of(local.state, {e["ino"] for e in listing["held"] + listing["waiting"]})
+        for e in listing["held"] + listing["waiting"]:
+            e["path"] = names.get(e["ino"])
+        return listing
+
+    def _heard_from(self, peer: str) -> float | None:
+        seen = self.node.seen.get(peer)
+        return seen[0] if seen is not None else None
+
+    def _notify_grant(self, nursery: trio.Nursery, peer: str, epoch: int, w, err: int) -> None:
+        body = {"ws": self.ws, "e": epoch, "t": w.ident[1], "i": w.ino, "o": w.owner[1], "f": w.flock, "err": err}
+        if peer == self.me:
+            self._on_lock_grant(peer, body)
+        else:
+            nursery.start_soon(self._push_grant, peer, epoch, body)
+
+    async def _push_grant(self, peer: str, epoch: int, body: dict) -> None:
+        """Tell `peer` its waiting request was granted (retried while our leadership lasts)."""
+        for attempt in range(20):
+            try:
+                await self.node.call(peer, "ns.lkgrant", body, timeout=max(1.0, self.invalidate_timeout),
+                                     retries=1)
+                return
+            except (PeerError, trio.TooSlowError) as e:
+                if self.lead is None or self.lead.epoch != epoch or self._leading() is None:
+                    return      # our leadership ended: the new leader's table decides
+                log.warning("event=lock_grant_push_failed ws=%s peer=%s try=%d error=%s", self.ws, peer,
+                            attempt + 1, e)
+                await trio.sleep(min(0.1 * 2 ** attempt, 1.0))
+
+    def _on_lock_grant(self, sender: str, body: dict) -> bool:
+        e = body.get("e")
+        if not isinstance(e, int) or e < self.epoch or not isinstance(body.get("t"), int):
+            return True     # from a deposed leader: its grants are void
+        if self.on_lock_grant is not None:
+            self.on_lock_grant(body["t"], body)
+        return True
+
+    def _lock_leader_changed(self) -> None:
+        if self.on_lock_leader_change is not None:
+            self.on_lock_leader_change()
 
     async def _on_inval(self, sender: str, body: dict) -> bool:
         e = body.get("e")
@@ -380,6 +509,8 @@ class PeeredNamespace(NamespaceService):
     def _adopt(self, leader: str, epoch: int) -> None:
         if epoch > self.epoch or leader != self.leader_name:
             new = epoch > self.epoch
+            if new:
+                self._lock_leader_changed()
             self.epoch = max(self.epoch, epoch)
             self.leader_name = leader
             self.cbgen = 0
@@ -807,6 +938,31 @@ class PeeredNamespace(NamespaceService):
             await role.release(self.me, ino)
             return
         await self.closed(ino)
+
+
+def paths_of(state, inos: set[int]) -> dict[int, str]:
+    """Paths (relative to the workspace root) of `inos`, one per inode (hard links: any)."""
+    names: dict[int, tuple[int, bytes]] = {}
+    for parent, entries in state.dirs.items():
+        for name, ino in entries.items():
+            if ino in inos and ino not in names:
+                names[ino] = (parent, name)
+    out = {}
+    for ino, (parent, name) in names.items():
+        parts = [name]
+        cur = parent
+        for _ in range(4096):
+            if cur == ROOT_INO:
+                break
+            node = state.inodes.get(cur)
+            up = state.dirs.get(node.parent, {}) if node is not None else {}
+            nm = next((n for n, i in up.items() if i == cur), None)
+            if nm is None:
+                break
+            parts.append(nm)
+            cur = node.parent
+        out[ino] = "/" + "/".join(p.decode(errors="replace") for p in reversed(parts))
+    return out
 
 
 def leads_info(namespaces: dict[str, PeeredNamespace], sender: str) -> dict:

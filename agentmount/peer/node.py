@@ -139,6 +139,11 @@ class PeerNode:
         s = self.seen.get(peer)
         return s is not None and trio.current_time() - s[0] < 4 * PING_S + 1.0
 
+    def heard_within(self, peer: str, seconds: float) -> bool:
+        """Whether `peer` answered a ping sent in the last `seconds`."""
+        s = self.seen.get(peer)
+        return s is not None and trio.current_time() - s[0] < seconds
+
     def status(self) -> list[dict]:
         out = []
         for p in self.cfg.peers:

@@ -46,6 +46,7 @@ WS_SHIFT = 40
 LOCAL_MASK = (1 << WS_SHIFT) - 1
 PID_XATTR = b"user.agentmount.pid"
 CAPABILITY_XATTR = b"security.capability"
+LOCK_TOKEN_XATTR = b"user.agentmount.lock_token"   # virtual: the fencing token of the newest lock grant
 INLINE_MAX = 1 << 20
 INLINE_BATCH_SECONDS = 5.0
 INLINE_BATCH_BYTES = 32 << 20
@@ -201,6 +202,8 @@ class VFS:
         ws.meta = meta
         meta.on_gc = self._on_gc
         meta.before_snapshot = lambda: self._inline_barrier(ws)
+        meta.on_lock_grant = self.locks.granted
+        meta.on_lock_leader_change = lambda: self.locks.leader_changed(ws)
         self.workspaces[name] = ws
         self.by_index[ws.index] = ws
         try:
@@ -286,6 +289,18 @@ class VFS:
             except Exception as e:  # noqa: BLE001 - retried at the next round
                 log.warning("workspace %s: block sweep failed: %s", ws.name, e)
             await trio.sleep(3600)
+
+    async def lock_listing(self, name: str | None) -> dict:
+        """Held locks and waiters of every workspace (or `name`), from their leaders."""
+        if name is not None and name not in self.workspaces:
+            raise FsError(errno.ENOENT, f"no workspace {name!r}")
+        out: dict[str, dict] = {}
+        for wsname in sorted([name] if name else self.workspaces):
+            try:
+                out[wsname] = await self.locks.query(self.workspaces[wsname], ["list"])
+            except FsError as e:
+                out[wsname] = {"error": os.strerror(e.errno)}
+        return out
 
     async def sweep(self, ws: Workspace) -> int:
         """Delete unreferenced blocks older than the grace period; returns how many.
@@ -546,6 +561,11 @@ class VFS:
                 return str(os.getpid()).encode()
             raise FsError(errno.ENODATA)
         ws, ino = self._resolve(gino)
+        if name == LOCK_TOKEN_XATTR:
+            token = await self.locks.query(ws, ["token", ino])
+            if not isinstance(token, str):
+                raise FsError(errno.ENODATA)
+            return token.encode()
         return await ws.meta.getxattr(ino, name)
 
     async def listxattr(self, gino: int) -> list[bytes]:
@@ -558,6 +578,8 @@ class VFS:
         if gino == MOUNT_ROOT:
             raise FsError(errno.EPERM)
         ws, ino = self._resolve(gino)
+        if name == LOCK_TOKEN_XATTR:
+            raise FsError(errno.EPERM, "user.agentmount.lock_token is given by the lock service")
         if name == CAPABILITY_XATTR:
             self._capability_seen()   # before it exists: the FUSE layer must stop answering for it
         await ws.meta.setxattr(ino, name, value)
@@ -565,6 +587,8 @@ class VFS:
     async def removexattr(self, gino: int, name: bytes) -> None:
         if gino == MOUNT_ROOT:
             raise FsError(errno.ENODATA)
+        if name == LOCK_TOKEN_XATTR:
+            raise FsError(errno.EPERM, "user.agentmount.lock_token is given by the lock service")
         ws, ino = self._resolve(gino)
         await ws.meta.removexattr(ino, name)
 
