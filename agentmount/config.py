@@ -41,7 +41,7 @@ class LeaseSettings:
     renew_s: float = 1.5
     failover_timeout_s: float = 30.0
     invalidate_timeout_s: float = 2.0
-    lock_ttl_s: float = 10.0
+    lock_ttl_s: float = 15.0
 
 
 @dataclass

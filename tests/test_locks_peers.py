@@ -4,8 +4,8 @@ Three real `agentmount mount` daemons (tests/peers.py: PeerCluster) on 127.0.0.1
 workspace; its leader holds the lock table. Every test takes locks with plain flock(2),
 fcntl(2) POSIX record locks, OFD locks and flock(1) on the peers' own mountpoints, and checks
 that they conflict across peers exactly as between processes on one Linux host: LOCK_NB and
-F_SETLK fail with EWOULDBLOCK/EAGAIN, F_GETLK reports the other peer's lock, waiters are
-granted (pushed, not polled) right after the release, a counter incremented under a lock on
+F_SETLK fail with EWOULDBLOCK/EAGAIN, F_GETLK reports the other peer's lock, a waiter is
+granted right after the release (p95 latency measured), a counter incremented under a lock on
 three peers loses no increment, a killed holder releases at once, a killed holder *peer*
 releases after `[lease] lock_ttl_s` (never before), SIGINT ends a blocked flock with EINTR and
 leaves no waiter behind, and F_SETLKW deadlocks across peers give EDEADLK.
@@ -14,8 +14,8 @@ How: locks are held by real processes, python children driven line by line over 
 answer carries its CLOCK_MONOTONIC time, so grant times are measured by the process that got
 the lock) and flock(1). "Blocked" is observed through the peer's own count of waiting lock
 requests (the `user.agentmount.fuse` xattr of its mount root: JSON stats, locks.waiting), never
-guessed with a sleep; every wait has a deadline. Before a cross-peer check, several tests make
-the same check between two processes of one peer, so a failure names the cross-peer part.
+guessed with a sleep; every wait has a deadline. Some tests first make a check between two
+processes of one peer, then across peers, so a failure points at the cross-peer part.
 
 One cluster (lock_ttl_s = 4 s, short leases) serves the whole module, each test on its own
 files; the peer-kill test runs last and mounts the killed peer again. Figures (grant latency,
@@ -103,11 +103,11 @@ def waiting(p: Peer) -> int:
     return stats(p)["locks"]["waiting"]
 
 
-def wait_blocked(p: Peer, *returned: Callable[[], str | None], n: int | None = None) -> None:
-    """Wait until peer `p` counts `n` (default: one per waiter) waiting lock requests. Each
-    `returned()` says how a waiter already returned (or None while it has not): that fails at
-    once — the request was answered instead of blocking."""
-    n = len(returned) if n is None else n
+def wait_blocked(p: Peer, *returned: Callable[[], str | None]) -> None:
+    """Wait until peer `p` counts one waiting lock request per waiter. Each `returned()` says
+    how a waiter already returned (or None while it has not): that fails at once — the
+    request was answered instead of blocking."""
+    n = len(returned)
 
     def check() -> bool:
         for r in returned:
@@ -143,12 +143,14 @@ def getlk(path: Path, typ: int, start: int, length: int, cmd: int = fcntl.F_GETL
     return typ, start, length, pid
 
 
-def flock_nb_errno(path: Path) -> int | None:
-    """LOCK_EX|LOCK_NB through a new open file description of `path`: None if it got the
-    lock (and dropped it again), else the errno."""
+def flock_nb_errno(path: Path, op: int = fcntl.LOCK_EX) -> int | None:
+    """flock(op | LOCK_NB) through a new open file description of `path`: None if it got the
+    lock (and dropped it again), else the errno. The unlock is explicit: FUSE releases a
+    flock on the last close asynchronously, after close() has returned."""
     fd = os.open(path, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, op | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     except OSError as e:
         return e.errno
@@ -182,7 +184,6 @@ def percentile(sorted_values: list[float], q: float) -> float:
 #   cflock ex                 flock(2) through libc: a signal makes it fail with EINTR (visible)
 #   setlk w|r|u START LEN     F_SETLK          setlkw w|r START LEN    F_SETLKW
 #   getlk w|r START LEN       F_GETLK -> "lock": [l_type, l_start, l_len, l_pid]
-#   pid
 CHILD = r"""
 import ctypes, fcntl, json, os, signal, struct, sys, time
 signal.signal(signal.SIGINT, lambda *a: None)   # no SA_RESTART: a blocked call returns EINTR
@@ -205,8 +206,6 @@ for line in sys.stdin:
             if cmd == "getlk":
                 typ, _, start, length, pid = struct.unpack("hhqqi", res)
                 out["lock"] = [typ, start, length, pid]
-        elif cmd == "pid":
-            out["pid"] = os.getpid()
         else:
             raise ValueError(cmd)
     except OSError as e:
@@ -253,8 +252,11 @@ class Child:
         return json.loads(line)
 
     def answered(self) -> str | None:
-        """The pending answer, if the child gave one already (for wait_blocked)."""
-        return self.buf.split(b"\n", 1)[0].decode() if self._fill(0) else None
+        """How the pending command ended, if the child answered already (for wait_blocked)."""
+        if not self._fill(0):
+            return None
+        r = json.loads(self.buf.split(b"\n", 1)[0])
+        return f"{self} failed with {errno.errorcode.get(r['err'], r['err'])}" if "err" in r else f"{self} got it"
 
     def do(self, cmd: str, timeout: float = 10.0) -> dict:
         self.send(cmd)
@@ -316,7 +318,7 @@ def first_answer(waiters: list[Child], timeout: float) -> Child:
         select.select([w.p.stdout for w in waiters], [], [], left)
 
 
-# -- 1. flock conflicts and grant latency ------------------------------------------------------
+# -- flock conflicts and grant latency ------------------------------------------------------
 
 def test_flock_conflicts_across_peers_and_waiter_granted_at_once(cluster, shared_file, children):
     """A process on follower A holds LOCK_EX: LOCK_NB on follower B fails with EWOULDBLOCK
@@ -330,7 +332,7 @@ def test_flock_conflicts_across_peers_and_waiter_granted_at_once(cluster, shared
     assert flock_cmd_nb(pa) == 1, f"flock -n on {a.name} got the lock held by {holder} on the same peer"
     err = flock_nb_errno(pb)
     assert err == errno.EWOULDBLOCK, f"LOCK_EX|LOCK_NB on {label(b)} gave {errno.errorcode.get(err, 'success')} " \
-        f"while {holder} ({label(a)}) holds LOCK_EX"
+        f"while {holder} holds LOCK_EX"
     assert flock_cmd_nb(pb) == 1, f"flock -n on {b.name} got the lock held by {holder} on {a.name}"
 
     waiter = subprocess.Popen(["flock", str(pb), "true"])
@@ -381,7 +383,28 @@ def grant_latencies(holder_path: Path, waiter_path: Path, waiter_peer: Peer, rou
     return sorted(from_return), sorted(from_call)
 
 
-# -- 2. a counter incremented under a lock on three peers -------------------------------------
+def test_shared_flocks_coexist_across_peers(cluster, shared_file, children):
+    """LOCK_SH on two peers at once; LOCK_EX|LOCK_NB on the third fails with EWOULDBLOCK
+    until both shared locks are gone."""
+    leader, f1, f2 = roles(cluster)
+    r1, r2 = children(f1), children(f2)
+    r1.ok("flock sh")
+    r2.ok("flock sh nb")
+    assert flock_nb_errno(leader.ws / shared_file, fcntl.LOCK_SH) is None, \
+        f"LOCK_SH|LOCK_NB on {leader.name} refused while only shared locks are held"
+    err = flock_nb_errno(leader.ws / shared_file)
+    assert err == errno.EWOULDBLOCK, \
+        f"LOCK_EX|LOCK_NB on {leader.name} gave {errno.errorcode.get(err, 'success')} while {r1} and {r2} hold LOCK_SH"
+    r1.ok("flock un")
+    err = flock_nb_errno(leader.ws / shared_file)
+    assert err == errno.EWOULDBLOCK, \
+        f"LOCK_EX|LOCK_NB on {leader.name} gave {errno.errorcode.get(err, 'success')} while {r2} holds LOCK_SH"
+    r2.ok("flock un")
+    assert flock_nb_errno(leader.ws / shared_file) is None, \
+        f"LOCK_EX|LOCK_NB on {leader.name} refused after both shared locks were released"
+
+
+# -- a counter incremented under a lock on three peers -------------------------------------
 
 # argv: lock file, counter file, "flock" | "fcntl", increments. The counter is opened after the
 # lock is taken and closed (committed) before it is released: agentmount promises
@@ -458,7 +481,7 @@ def test_counter_under_lock_on_three_peers_is_exact(cluster, kind):
     no_waiters(*cluster.real)
 
 
-# -- 3. byte ranges, OFD locks, unlock of nothing ---------------------------------------------
+# -- byte ranges, OFD locks, unlock of nothing ---------------------------------------------
 
 def test_fcntl_byte_ranges_across_peers(cluster, shared_file, children):
     """Write locks [0,100) on A and [100,200) on B coexist; C's F_SETLK on [50,150) fails
@@ -496,8 +519,9 @@ def test_fcntl_byte_ranges_across_peers(cluster, shared_file, children):
 
 
 def test_ofd_locks_conflict_across_peers(cluster, shared_file):
-    """OFD write lock [0,10) through A: B's F_OFD_SETLK on [5,15) fails EAGAIN, on [10,20)
-    succeeds, F_OFD_GETLK on B reports A's lock; A's close releases it for B."""
+    """OFD write lock [0,10) through a follower: the leader's F_OFD_SETLK on [5,15) fails
+    EAGAIN, on [10,20) succeeds, its F_OFD_GETLK reports the follower's lock; the follower's
+    close releases it."""
     leader, f1, _ = roles(cluster)
     fa, fb = os.open(f1.ws / shared_file, os.O_RDWR), os.open(leader.ws / shared_file, os.O_RDWR)
     try:
@@ -508,7 +532,8 @@ def test_ofd_locks_conflict_across_peers(cluster, shared_file):
         assert ofd_setlk_errno(fb, 10, 10) is None, f"OFD write lock [10,20) on {leader.name} refused (free range)"
         typ, start, length, _ = getlk(leader.ws / shared_file, fcntl.F_WRLCK, 0, 5, cmd=fcntl.F_OFD_GETLK)
         assert (typ, start, length) == (fcntl.F_WRLCK, 0, 10), \
-            f"F_OFD_GETLK on {leader.name} over [0,5) gave type {typ} [{start}, +{length}), expected [0,10) of {f1.name}"
+            f"F_OFD_GETLK on {leader.name} over [0,5) gave type {typ} [{start}, +{length}), " \
+            f"expected [0,10) of {f1.name}"
         os.close(fa)
         fa = -1
         wait_until(lambda: ofd_setlk_errno(fb, 0, 10) is None, 5, f"{f1.name}'s OFD lock released by its close")
@@ -527,15 +552,19 @@ def test_unlocking_what_is_not_held_is_a_noop(cluster, shared_file, children):
     other.ok("setlk u 0 0")
     holder.ok("flock ex")
     holder.ok("setlk w 0 10")
+    assert holds_both(leader.ws / shared_file), f"{holder}'s locks are not seen from {leader.name}"
     other.ok("flock un")                            # held by someone else: still a no-op
     other.ok("setlk u 0 0")
-    assert flock_nb_errno(leader.ws / shared_file) == errno.EWOULDBLOCK, \
-        f"{holder}'s flock is gone after {other} (holding nothing) unlocked"
-    typ, *_ = getlk(leader.ws / shared_file, fcntl.F_WRLCK, 0, 10)
-    assert typ == fcntl.F_WRLCK, f"{holder}'s write lock [0,10) is gone after {other} unlocked [0, EOF)"
+    assert holds_both(leader.ws / shared_file), \
+        f"{holder}'s flock or write lock [0,10) is gone after {other}, holding nothing, unlocked"
 
 
-# -- 4. SIGKILL of the holding process ---------------------------------------------------------
+def holds_both(path: Path) -> bool:
+    """Does someone hold LOCK_EX and a write lock on [0,10) of `path` (as seen from this process)?"""
+    return flock_nb_errno(path) == errno.EWOULDBLOCK and getlk(path, fcntl.F_WRLCK, 0, 10)[0] == fcntl.F_WRLCK
+
+
+# -- SIGKILL of the holding process ---------------------------------------------------------
 
 def test_sigkill_of_holder_process_releases_at_once(cluster, shared_file, children):
     """The holder (flock LOCK_EX and a write lock [0,10)) on A is SIGKILLed while a flock
@@ -559,7 +588,7 @@ def test_sigkill_of_holder_process_releases_at_once(cluster, shared_file, childr
     no_waiters(*cluster.real)
 
 
-# -- 6. SIGINT to a blocked flock --------------------------------------------------------------
+# -- SIGINT to a blocked flock --------------------------------------------------------------
 
 def test_sigint_to_blocked_flock_on_follower_leaves_no_waiter(cluster, shared_file, children):
     """The leader's process holds LOCK_EX. A flock blocked on a follower gets SIGINT: it
@@ -579,7 +608,8 @@ def test_sigint_to_blocked_flock_on_follower_leaves_no_waiter(cluster, shared_fi
         r = waiter.reply(5)
         dt_child = r["t"] - t0
         assert r.get("err") == errno.EINTR, \
-            f"flock(2) on {f1.name} interrupted by SIGINT gave {errno.errorcode.get(r.get('err'), 'success')}, not EINTR"
+            f"flock(2) on {f1.name} interrupted by SIGINT gave " \
+            f"{errno.errorcode.get(r.get('err'), 'success')}, not EINTR"
         no_waiters(f1)
 
         cmd = subprocess.Popen(["flock", str(f1.ws / shared_file), "true"])
@@ -611,7 +641,7 @@ def test_sigint_to_blocked_flock_on_follower_leaves_no_waiter(cluster, shared_fi
     no_waiters(*cluster.real)
 
 
-# -- 7. deadlock across peers ------------------------------------------------------------------
+# -- deadlock across peers ------------------------------------------------------------------
 
 def test_fcntl_deadlock_across_peers_gives_edeadlk(cluster, shared_file, children):
     """P on one follower holds byte 0 and waits (F_SETLKW) for byte 1, which Q on the other
@@ -625,19 +655,19 @@ def test_fcntl_deadlock_across_peers_gives_edeadlk(cluster, shared_file, childre
     wait_blocked(f1, p.answered)
     q.send("setlkw w 0 1")
     loser = first_answer([p, q], timeout=10)
-    winner, held = (q, "0 1") if loser is p else (p, "1 1")
+    winner, contested = (q, "0 1") if loser is p else (p, "1 1")   # the loser's byte, which the winner waits for
     r = loser.reply(0)
     assert r.get("err") == errno.EDEADLK, \
         f"{loser}'s F_SETLKW in the cycle gave {errno.errorcode.get(r.get('err'), 'success')}, not EDEADLK"
     assert winner.answered() is None and waiting(winner.peer) == 1, \
         f"{winner} should still wait when {loser} gets EDEADLK (answered: {winner.answered()})"
     report(f"F_SETLKW cycle between {f1.name} and {f2.name}: EDEADLK for the request of {loser}")
-    loser.ok(f"setlk u {held}")
-    winner.granted("setlkw", 5)
+    loser.ok(f"setlk u {contested}")
+    winner.granted(f"setlkw w {contested}", 5)
     no_waiters(f1, f2)
 
 
-# -- 8. uncontended speed ----------------------------------------------------------------------
+# -- uncontended speed ----------------------------------------------------------------------
 
 def flock_cycles_per_s(path: Path, seconds: float = 2.0) -> float:
     """LOCK_EX + LOCK_UN cycles per second on one open fd of `path`, for `seconds`."""
@@ -666,7 +696,7 @@ def test_uncontended_flock_cycles_per_second(cluster, shared_file):
         f"uncontended flock cycles/s: leader {on_leader:.0f}, follower {on_follower:.0f}; expected > 50 each"
 
 
-# -- 5. SIGKILL of the holder's peer (last: it kills and remounts a peer) ---------------------
+# -- SIGKILL of the holder's peer (last: it kills and remounts a peer) ---------------------
 
 def test_sigkill_of_holder_peer_releases_after_lock_ttl(cluster, shared_file, children):
     """A process on follower A holds flock LOCK_EX and a write lock [0,10); a flock waiter

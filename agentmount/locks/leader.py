@@ -44,7 +44,7 @@ LastSeen = Callable[[str], "float | None"]           # peer -> trio time it was 
 
 CHECK_S = 0.25
 EVENTS_KEPT = 1000
-_GRACE_FREE = ("reassert", "cancel", "getlk", "token", "list")   # served during the grace period
+_GRACE_FREE = ("reassert", "cancel", "token", "list")   # served during the grace period
 
 
 class LockLeader:

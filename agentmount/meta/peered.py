@@ -223,12 +223,11 @@ class PeeredNamespace(NamespaceService):
         failed: Exception | None = None
         async with trio.open_nursery() as n:
             # Peers alive now re-assert their locks before anything new is granted (grace).
-            expected = {self.me} | {p for p in self.node.clients if self.node.heard_within(p, 1.0)} if self.multi else ()
+            expected = {self.me} | self._may_hold_locks() if self.multi else ()
             locks = LockLeader(self.me, self.ws, self.lock_ttl,
                                lambda peer, w, err: self._notify_grant(n, peer, lead.epoch, w, err),
                                self._heard_from, epoch=lead.epoch, expected=expected)
             n.start_soon(local.run)
-            n.start_soon(locks.run)
             try:
                 local._commit({"op": "epoch", "gap": self.multi})
                 await journal.wait_durable()
@@ -250,6 +249,7 @@ class PeeredNamespace(NamespaceService):
                 self._drop_all()
                 self._lock_leader_changed()
                 self._set_role(Role.LEADER)
+                n.start_soon(locks.run)     # the grace period runs from now
                 self._ready.set()
                 log.warning("event=leading ws=%s epoch=%d seq=%d replayed=%d", self.ws, lead.epoch,
                             loaded.state.seq, loaded.replayed)
@@ -423,6 +423,16 @@ class PeeredNamespace(NamespaceService):
             self._adopt(target, reply["e"])
             return reply["r"]
 
+    def lock_contact(self) -> float | None:
+        """When this peer last knew the workspace's lock table to be reachable (trio clock):
+        now while leading, else the send time of the last ping the leader answered."""
+        if self._leading() is not None:
+            return trio.current_time()
+        if self.leader_name is not None and self.leader_name != self.me:
+            seen = self.node.seen.get(self.leader_name)
+            return seen[0] if seen is not None else None
+        return None
+
     async def lock_listing(self, inc: bytes) -> dict:
         """The leader's held locks and waiters, each with the file's path."""
         out = await self.lock_rpc(["list"], inc)
@@ -438,6 +448,16 @@ class PeeredNamespace(NamespaceService):
         for e in listing["held"] + listing["waiting"]:
             e["path"] = names.get(e["ino"])
         return listing
+
+    def _may_hold_locks(self) -> set[str]:
+        """The peers whose lock sessions may still live: every one heard from within the lock
+        TTL (a dead leader too: if it is only cut off, its processes keep their locks until it
+        fences itself), and, while this peer is younger than the TTL, those never heard from."""
+        now = trio.current_time()
+        young = now - self.node.started_at < self.lock_ttl
+        return {p for p in self.node.clients
+                if (p in self.node.seen and now - self.node.seen[p][0] < self.lock_ttl)
+                or (p not in self.node.seen and young)}
 
     def _heard_from(self, peer: str) -> float | None:
         seen = self.node.seen.get(peer)

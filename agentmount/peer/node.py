@@ -59,10 +59,12 @@ class PeerNode:
         self.members = sorted([self.name] + [p.name for p in cfg.peers])
         self._disagree: dict[str, list] = {}
         self.server: RpcServer | None = None
+        self.started_at = 0.0
         self.auth: peer_keys.Authenticator | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.started_at = trio.current_time()
         try:
             async with trio.open_nursery() as n:
                 if self.multi:
@@ -138,11 +140,6 @@ class PeerNode:
     def alive(self, peer: str) -> bool:
         s = self.seen.get(peer)
         return s is not None and trio.current_time() - s[0] < 4 * PING_S + 1.0
-
-    def heard_within(self, peer: str, seconds: float) -> bool:
-        """Whether `peer` answered a ping sent in the last `seconds`."""
-        s = self.seen.get(peer)
-        return s is not None and trio.current_time() - s[0] < seconds
 
     def status(self) -> list[dict]:
         out = []

@@ -9,8 +9,14 @@ through a `Replier` (fuse/lowlevel.py in a mount): right away, or, for a request
 when the leader pushes its grant (`granted`) or it is interrupted (EINTR). Every token is
 answered exactly once.
 
-When the workspace's leader changes, requests still waiting at the old one get ENOLCK: the
-new leader's table does not have them. (Locks held are not re-asserted there yet.)
+When the workspace's leader changes, this peer re-asserts there what its owners hold (a
+mirror kept per owner) and the requests it has waiting, in their old queue order.
+
+Self-fencing (with peers): a peer that has not heard from a workspace's leader for
+`lock_ttl_s - FENCE_MARGIN_S` while holding locks there gives them up before the leader lets
+them lapse: its waiting requests get ENOLCK, I/O through any handle of the files it had
+locked fails with EIO until the last of those handles is closed, and it starts a new lock
+session (the leader drops whatever the old one still held at its next request).
 
 OFD locks reach FUSE as plain setlk requests whose owner is the open file description, and
 FUSE sends no unlock for them on close; so the owners that locked through a file handle since
@@ -37,6 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentmount.locks")
 
 MOUNT_ROOT = 1   # the kernel's inode of the mount root (vfs.MOUNT_ROOT)
+FENCE_CHECK_S = 0.25
+# Fence this long before the TTL (at most a quarter of it): the leader counts the TTL from a
+# ping it sent up to a ping period (0.5 s) before our last answered one, plus scheduling delays.
+FENCE_MARGIN_S = 2.0
 
 
 class Replier(Protocol):
@@ -47,7 +57,7 @@ class Replier(Protocol):
 
 class _File:
     """Lock bookkeeping of one file (by the kernel's inode number) while it has any."""
-    __slots__ = ("ws", "ino", "gino", "fh_owners", "owner_fhs", "posix_owners", "flock_owners", "waiting")
+    __slots__ = ("ws", "ino", "gino", "fh_owners", "owner_fhs", "posix_owners", "flock_owners", "waiting", "fenced")
 
     def __init__(self, ws: "Workspace | None", ino: int, gino: int) -> None:
         self.ws = ws                                # None: the mount root (no workspace)
@@ -58,9 +68,13 @@ class _File:
         self.posix_owners: set[int] = set()        # owners that may hold POSIX locks here
         self.flock_owners: set[int] = set()        # file descriptions that may hold a flock here
         self.waiting = 0                            # requests in flight or waiting
+        self.fenced = False                         # its locks were given up: I/O fails until closed
 
     def idle(self) -> bool:
-        return not (self.fh_owners or self.posix_owners or self.flock_owners or self.waiting)
+        return not (self.fh_owners or self.posix_owners or self.flock_owners or self.waiting or self.fenced)
+
+    def locked(self) -> bool:
+        return bool(self.posix_owners or self.flock_owners)
 
 
 class LockService:
@@ -70,7 +84,11 @@ class LockService:
         self._vfs = vfs
         self.replier: Replier | None = None
         self.me = vfs.node.name
-        self.inc = os.urandom(8)                  # this incarnation: a restarted peer is a new session
+        self._inc: dict[str, bytes] = {}          # workspace -> our lock session there (new after a restart or fence)
+        self.fenced: set[tuple[str, int]] = set()  # (workspace, inode) whose I/O fails: see module docstring
+        self._contact: dict[str, float] = {}      # workspace -> when its lock table was last known reachable
+        self._cut_off: set[str] = set()           # fenced workspaces whose lock table is still out of reach
+        self.fences = 0
         # The mount root belongs to no workspace: its locks are kept here.
         self._root = LockLeader(self.me, "", 3600.0, lambda peer, w, err: self.granted(w.ident[1], {"err": err}),
                                 lambda peer: None)
@@ -133,7 +151,7 @@ class LockService:
         f = self._files[gino]
         leader = self._direct(f)
         if leader is not None:
-            self._cancel_done(token, leader.request(self.me, self.inc, ["cancel", token]))
+            self._cancel_done(token, leader.request(self.me, self.inc(f.ws), ["cancel", token]))
         else:
             trio.lowlevel.spawn_system_task(self._cancel_remote, token, f)
 
@@ -168,6 +186,7 @@ class LockService:
             if o in f.posix_owners:
                 f.posix_owners.discard(o)
                 await self._release(f, ["release_posix", f.ino, o])
+        self._unfence_if_closed(f)
         self._forget_if_idle(gino, f)
 
     # -- from the workspace layer ------------------------------------------------------------
@@ -176,6 +195,8 @@ class LockService:
         err = (body or {}).get("err", 0)
         err = err if isinstance(err, int) else errno.ENOLCK
         gino = self._waiting.pop(token, None)
+        if body is not None and "ws" in body:
+            self._heard(body["ws"])        # a push from the leader: it reached us just now
         if gino is None:
             if token in self._inflight:
                 self._early[token] = err   # its "wait" answer is still on its way
@@ -194,8 +215,8 @@ class LockService:
     async def query(self, ws: "Workspace", a: list):
         """A read-only request (``["token", ino]``, ``["list"]``) at the workspace's leader."""
         if a[0] == "list":
-            return await ws.meta.lock_listing(self.inc)
-        return await ws.meta.lock_rpc(a, self.inc)
+            return await ws.meta.lock_listing(self.inc(ws))
+        return await ws.meta.lock_rpc(a, self.inc(ws))
 
     def leader_changed(self, ws: "Workspace") -> None:
         """`ws` has a new leader (or none yet): re-assert there what we hold and wait for."""
@@ -204,7 +225,59 @@ class LockService:
     def status(self) -> dict:
         return {"files": len(self._files), "waiting": len(self._waiting), "requests": self.requests,
                 "remote_requests": self.remote_requests, "grants_after_wait": self.grants_after_wait,
-                "reasserts": self.reasserts}
+                "reasserts": self.reasserts, "fences": self.fences, "fenced_files": len(self.fenced)}
+
+    # -- self-fencing ------------------------------------------------------------------------
+    async def watch(self, ttl: float) -> None:
+        """Fence workspaces whose lock table went silent while we hold locks there (peers only)."""
+        limit = ttl - min(FENCE_MARGIN_S, ttl / 4)
+        while True:
+            await trio.sleep(FENCE_CHECK_S)
+            now = trio.current_time()
+            for ws in {f.ws for f in self._files.values() if f.ws is not None and f.locked()}:
+                c = ws.meta.lock_contact()
+                last = max(self._contact.get(ws.name, now if c is None else c), c if c is not None else -1e18)
+                self._contact[ws.name] = last
+                if now - last > limit:
+                    self._fence(ws, now - last)
+            for name in [n for n in self._contact if n not in {f.ws.name for f in self._files.values()
+                                                              if f.ws is not None and f.locked()}]:
+                del self._contact[name]
+            for name in list(self._cut_off):
+                ws = self._vfs.workspaces.get(name)
+                c = ws.meta.lock_contact() if ws is not None else None
+                if ws is None or (c is not None and now - c < limit):
+                    self._cut_off.discard(name)
+
+    def _heard(self, name: str) -> None:
+        if name in self._contact:
+            self._contact[name] = max(self._contact[name], trio.current_time())
+
+    def _fence(self, ws: "Workspace", silent: float) -> None:
+        self.fences += 1
+        files = [f for f in self._files.values() if f.ws is ws and f.locked()]
+        log.warning("event=lock_fenced ws=%s files=%d silent_s=%.1f", ws.name, len(files), silent)
+        self._inc.pop(ws.name, None)          # a new session: the old one's locks are given up
+        self._cut_off.add(ws.name)            # lock calls fail at once until the leader is back
+        self._contact.pop(ws.name, None)
+        for key in [k for k in self._mine if k[0] == ws.name]:
+            del self._mine[key]
+        for f in files:
+            f.fenced = True
+            f.posix_owners.clear()
+            f.flock_owners.clear()
+            f.fh_owners.clear()
+            f.owner_fhs.clear()
+            self.fenced.add((ws.name, f.ino))
+        for token, gino in list(self._waiting.items()):
+            f = self._files.get(gino)
+            if f is not None and f.ws is ws:
+                self.granted(token, {"err": errno.ENOLCK})
+
+    def _unfence_if_closed(self, f: _File) -> None:
+        if f.fenced and f.ws is not None and not self._vfs.has_open_handle(f.ws, f.ino):
+            f.fenced = False
+            self.fenced.discard((f.ws.name, f.ino))
 
     # -- internals ------------------------------------------------------------------------
     def _replier(self) -> Replier:
@@ -223,6 +296,14 @@ class LockService:
             self._files[gino] = f
         return f
 
+    def inc(self, ws: "Workspace | None") -> bytes:
+        """Our lock session at `ws`'s leader."""
+        name = ws.name if ws is not None else ""
+        inc = self._inc.get(name)
+        if inc is None:
+            inc = self._inc[name] = os.urandom(8)
+        return inc
+
     def _direct(self, f: _File) -> LockLeader | None:
         """The table to call synchronously: the mount root's, or the workspace's when we lead
         it and it is past its grace period; None: go through `lock_rpc`."""
@@ -232,6 +313,10 @@ class LockService:
         return leader if leader is not None and not leader.in_grace else None
 
     def _submit(self, token: int, f: _File, a: list) -> None:
+        if f.ws is not None and f.ws.name in self._cut_off:
+            self._replier().reply_err(token, errno.ENOLCK)
+            self._forget_if_idle(f.gino, f)
+            return
         f.waiting += 1
         gino = f.gino
         if a[0] != "getlk":
@@ -242,7 +327,7 @@ class LockService:
             trio.lowlevel.spawn_system_task(self._remote, token, gino, f, a)
             return
         try:
-            r = leader.request(self.me, self.inc, a)
+            r = leader.request(self.me, self.inc(f.ws), a)
         except BaseException:
             self._done(token, f, errno.ENOLCK)
             raise
@@ -251,7 +336,8 @@ class LockService:
     async def _remote(self, token: int, gino: int, f: _File, a: list) -> None:
         self.remote_requests += 1
         try:
-            r = await f.ws.meta.lock_rpc(a, self.inc)
+            r = await f.ws.meta.lock_rpc(a, self.inc(f.ws))
+            self._heard(f.ws.name)
         except FsError as e:
             r = e.errno
         except Exception:   # noqa: BLE001 - never leave a token unanswered
@@ -344,7 +430,7 @@ class LockService:
             if f is not None and f.ws is ws and req is not None:
                 waits.append([*self._wait_key.get(token, (0, 0)), req[1]])
         try:
-            conflicts = await ws.meta.lock_rpc(["reassert", held, waits], self.inc)
+            conflicts = await ws.meta.lock_rpc(["reassert", held, waits], self.inc(ws))
         except FsError as e:
             log.warning("event=lock_reassert_failed ws=%s error=%s", ws.name, e)
             for token, gino in list(self._waiting.items()):
@@ -363,7 +449,7 @@ class LockService:
 
     async def _cancel_remote(self, token: int, f: _File) -> None:
         try:
-            cancelled = await f.ws.meta.lock_rpc(["cancel", token], self.inc)
+            cancelled = await f.ws.meta.lock_rpc(["cancel", token], self.inc(f.ws))
         except FsError:
             cancelled = True    # no leader: nothing will be granted to it there
         self._cancel_done(token, bool(cancelled))
@@ -372,10 +458,10 @@ class LockService:
         self._apply_mine(f, a)
         leader = self._direct(f)
         if leader is not None:
-            leader.request(self.me, self.inc, a)
+            leader.request(self.me, self.inc(f.ws), a)
             return
         try:
-            await f.ws.meta.lock_rpc(a, self.inc)
+            await f.ws.meta.lock_rpc(a, self.inc(f.ws))
         except FsError as e:
             log.warning("event=lock_release_failed ws=%s error=%s", f.ws.name, e)
 

@@ -169,6 +169,8 @@ class VFS:
         self.bytes_written = 0
         self._refreshed = -1e9
         self.locks = LockService(self)
+        if self.multi:
+            nursery.start_soon(self.locks.watch, cfg.lease.lock_ttl_s)
 
     # -- workspaces --------------------------------------------------------------------
     async def load_workspaces(self) -> None:
@@ -630,11 +632,20 @@ class VFS:
             d.size, d.mtime = node.size, node.mtime
         return d
 
+    def has_open_handle(self, ws: Workspace, ino: int) -> bool:
+        return any(h.ws is ws and h.ino == ino for h in self.files.values())
+
+    def _check_fence(self, ws: Workspace, ino: int) -> None:
+        if (ws.name, ino) in self.locks.fenced:
+            raise FsError(errno.EIO, f"{ws.name}: the locks held on inode {ino} were given up (leader unreachable)")
+
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.files.get(fh)
         if h is None:
             raise FsError(errno.EBADF)
         ws = h.ws
+        if self.locks.fenced:
+            self._check_fence(ws, h.ino)
         node = await ws.meta.getattr(h.ino)
         d = ws.dirty.get(h.ino)
         if d is not None and d.empty:
@@ -655,8 +666,15 @@ class VFS:
         if h is None:
             raise FsError(errno.EBADF)
         ws = h.ws
-        node = await ws.meta.getattr(h.ino)
-        d = self._dirty(ws, node)
+        if self.locks.fenced:
+            self._check_fence(ws, h.ino)
+        d = ws.dirty.get(h.ino)
+        if d is None or d.empty:
+            # (With bytes buffered, the buffer knows size and mtime: no trip to the leader.)
+            node = await ws.meta.getattr(h.ino)
+            if self.locks.fenced:
+                self._check_fence(ws, h.ino)     # fenced while we asked the leader
+            d = self._dirty(ws, node)
         if d.error is not None:
             err, d.error = d.error, None
             raise err
