@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import SHORT_LEASE, PeerCluster, clusters, report, wait_until, write_file
-from tests.test_locks_peers import Child, roles, wait_blocked
+from tests.peers import SHORT_LEASE, clusters, report, wait_until, write_file
+from tests.test_locks_peers import Child, make_shared, roles, wait_blocked
 
 # Longer than a failover with these short leases (4-8 s here when loaded) plus the fencing
 # margin, so holders keep their locks across one.
@@ -55,14 +55,6 @@ def child(made: list, peer, name: str) -> Child:
     return c
 
 
-def shared(c: PeerCluster, name: str) -> str:
-    leader, _, _ = roles(c)
-    write_file(leader.ws / name, b"")
-    for p in c.real:
-        wait_until(lambda: (p.ws / name).exists(), 10, f"{name} visible on {p.name}")
-    return name
-
-
 def flock_nb_fails(c: Child) -> bool:
     r = c.do("flock ex nb", timeout=LOCK_TTL_S + 20)
     if "err" not in r:
@@ -77,7 +69,7 @@ def test_leader_sigkill_keeps_held_locks_and_grants_waiters_in_order(cluster, ma
     two peers (B first, then A). SIGKILL of the leader: afterwards the holder still holds both
     (LOCK_NB and F_GETLK from elsewhere see it), nothing is granted before its unlock, then the
     waiters get the lock one at a time in their old order."""
-    name = shared(cluster, "failover")
+    name = make_shared(cluster, "failover")
     leader, a, b = roles(cluster)
     holder = child(made, a, name)
     holder.ok("flock ex")
@@ -116,7 +108,7 @@ def test_leader_sigkill_keeps_held_locks_and_grants_waiters_in_order(cluster, ma
 def test_tokens_and_listing_across_peers(cluster, made, tmp_path):
     """The fencing token of a grant is readable as an xattr from every peer and grows with each
     grant; `agentmount locks` on any peer lists holders and waiters with paths, peers and pids."""
-    name = shared(cluster, "tokens")
+    name = make_shared(cluster, "tokens")
     leader, a, b = roles(cluster)
     with pytest.raises(OSError) as e:
         os.getxattr(b.ws / name, TOKEN)
@@ -166,19 +158,18 @@ sys.stdin.readline()
 
 
 def test_cut_off_holder_fences_itself_before_its_lock_is_given_away(cluster, made):
-    """Follower A holds a flock and keeps writing the file; B waits for the lock. The leader and
+    """Follower A holds a flock and keeps writing the file (B's LOCK_NB fails). The leader and
     B are stopped (SIGSTOP): A can reach no leader. A fences itself before lock_ttl_s: the
     holder's writes fail with EIO and A's new lock calls with ENOLCK. After SIGCONT, B gets the
     lock (A gave it up), and A works again once the fenced handle is closed."""
-    name = shared(cluster, "fence")
+    name = make_shared(cluster, "fence")
     leader, a, b = roles(cluster)
     w = subprocess.Popen([sys.executable, "-c", WRITER, str(a.ws / name)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:
         assert w.stdout.readline().strip() == "locked"
         waiter = child(made, b, name)
-        waiter.send("flock ex")
-        wait_blocked(b, waiter.answered)
+        waiter.fails("flock ex nb", errno.EWOULDBLOCK, f"the holder on {a.name} has it")
         other = child(made, a, name)      # another process on A, its file open before the cut
         other.ok("setlk u 0 1")           # (answered once its open is done; unlocking is a no-op)
         t_stop = cluster.stop(leader.name)
@@ -193,7 +184,9 @@ def test_cut_off_holder_fences_itself_before_its_lock_is_given_away(cluster, mad
         finally:
             cluster.cont(b.name)
             cluster.cont(leader.name)
-        t_grant = waiter.granted("flock ex", LOCK_TTL_S + 30)
+        # (B asks only now: a request left waiting on a peer frozen past the fencing point may be
+        # failed with ENOLCK when that peer wakes.)
+        t_grant = waiter.ok("flock ex", LOCK_TTL_S + 30)
         report(f"holder peer {a.name} cut off at 0 s: fenced (EIO) at {t_fence - t_stop:.2f} s, a lock call "
                f"then: ENOLCK at {t_enolck - t_stop:.2f} s, lock given to {b.name} at {t_grant - t_stop:.2f} s "
                f"(peers resumed; lock_ttl_s {LOCK_TTL_S:g})")

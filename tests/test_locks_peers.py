@@ -84,10 +84,14 @@ def label(p: Peer) -> str:
 def shared_file(cluster, request) -> str:
     """Name (in the workspace) of an empty file of this test, created through the leader and
     visible on every peer."""
-    name = f"lock-{request.node.name}"
-    leader, _, _ = roles(cluster)
+    return make_shared(cluster, f"lock-{request.node.name}")
+
+
+def make_shared(c: PeerCluster, name: str) -> str:
+    """Create the empty file `name` through the leader; returns once every peer sees it."""
+    leader, _, _ = roles(c)
     write_file(leader.ws / name, b"")
-    for p in cluster.real:
+    for p in c.real:
         wait_until(lambda: (p.ws / name).exists(), 10, f"{name} visible on {p.name}")
     return name
 
@@ -566,10 +570,9 @@ def holds_both(path: Path) -> bool:
 
 # -- SIGKILL of the holding process ---------------------------------------------------------
 
-def test_sigkill_of_holder_process_releases_at_once(cluster, shared_file, children):
-    """The holder (flock LOCK_EX and a write lock [0,10)) on A is SIGKILLed while a flock
-    waiter blocks on B and an F_SETLKW waiter on the leader: both are granted within 2 s."""
-    leader, a, b = roles(cluster)
+def holder_and_two_waiters(children, leader: Peer, a: Peer, b: Peer) -> tuple[Child, Child, Child]:
+    """A process on `a` holding flock LOCK_EX and a write lock [0,10); a flock LOCK_EX waiter
+    blocked on `b` and an F_SETLKW waiter on the leader."""
     holder = children(a)
     holder.ok("flock ex")
     holder.ok("setlk w 0 10")
@@ -578,6 +581,14 @@ def test_sigkill_of_holder_process_releases_at_once(cluster, shared_file, childr
     posixer.send("setlkw w 0 10")
     wait_blocked(b, flocker.answered)
     wait_blocked(leader, posixer.answered)
+    return holder, flocker, posixer
+
+
+def test_sigkill_of_holder_process_releases_at_once(cluster, shared_file, children):
+    """The holder (flock LOCK_EX and a write lock [0,10)) on A is SIGKILLed while a flock
+    waiter blocks on B and an F_SETLKW waiter on the leader: both are granted within 2 s."""
+    leader, a, b = roles(cluster)
+    holder, flocker, posixer = holder_and_two_waiters(children, leader, a, b)
     t_kill = time.monotonic()
     holder.kill()
     t_flock, t_posix = flocker.granted("flock ex", 5), posixer.granted("setlkw w 0 10", 5)
@@ -705,14 +716,7 @@ def test_sigkill_of_holder_peer_releases_after_lock_ttl(cluster, shared_file, ch
     from the last ping A answered, sent at most 0.5 s before the kill), and within ttl + 10 s.
     A is mounted again afterwards."""
     leader, a, b = roles(cluster)
-    holder = children(a)
-    holder.ok("flock ex")
-    holder.ok("setlk w 0 10")
-    flocker, posixer = children(b), children(leader)
-    flocker.send("flock ex")
-    posixer.send("setlkw w 0 10")
-    wait_blocked(b, flocker.answered)
-    wait_blocked(leader, posixer.answered)
+    holder, flocker, posixer = holder_and_two_waiters(children, leader, a, b)
     try:
         t_kill = a.kill()
         t_flock = flocker.granted("flock ex", LOCK_TTL_S + 15)

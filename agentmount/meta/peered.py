@@ -387,41 +387,19 @@ class PeeredNamespace(NamespaceService):
     async def lock_rpc(self, a: list, inc: bytes) -> Any:
         """One lock request at the workspace's leader, wherever it is; ENOLCK when no leader
         answers within `lock_ttl_s` (by then our locks may have lapsed anyway)."""
-        deadline = trio.current_time() + self.lock_ttl
         rid = new_id()
-        delay = 0.02
-        while True:
-            now = trio.current_time()
-            if now >= deadline:
-                raise FsError(errno.ENOLCK, f"workspace {self.ws}: no leader answered lock requests within "
-                                            f"{self.lock_ttl:g}s")
+
+        async def local() -> tuple[bool, Any]:
             leader = self.lock_leader()
-            if leader is not None:
-                out = await leader.serve(self.me, inc, a)
-                return self._with_paths(out) if a[0] == "list" else out
-            target = self._leader_hint()
-            if target is None or target == self.me:
-                with trio.move_on_at(min(deadline, now + 0.1)):
-                    await self._changed.wait()
-                continue
-            try:
-                reply = await self.node.call(target, "ns.lk", {"ws": self.ws, "a": a, "inc": inc},
-                                             timeout=min(1.0, deadline - now), request_id=rid, retries=1)
-            except RemoteError as e:
-                if e.code == "not_leader":
-                    await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
-                    delay = min(delay * 2, 0.5)
-                    continue
-                raise FsError(errno.ENOLCK, f"leader {target}: {e.code}: {e.message}") from None
-            except PeerUnavailable:
-                await trio.sleep(0.01)
-                continue
-            if not isinstance(reply, dict) or not isinstance(reply.get("e"), int):
-                raise FsError(errno.ENOLCK, f"leader {target}: malformed lock reply")
-            if reply["e"] < self.epoch:
-                continue
-            self._adopt(target, reply["e"])
-            return reply["r"]
+            if leader is None:
+                return False, None
+            out = await leader.serve(self.me, inc, a)
+            return True, self._with_paths(out) if a[0] == "list" else out
+
+        target, reply = await self._at_leader("ns.lk", {"ws": self.ws, "a": a, "inc": inc},
+                                              trio.current_time() + self.lock_ttl, err=errno.ENOLCK,
+                                              per_try=1.0, request_id=lambda: rid, local=local)
+        return reply if target is None else reply["r"]
 
     def lock_contact(self) -> float | None:
         """When this peer last knew the workspace's lock table to be reachable (trio clock):
@@ -632,6 +610,54 @@ class PeeredNamespace(NamespaceService):
                 best, best_epoch = peer, v[0]
         return best
 
+    async def _at_leader(self, kind: str, body: dict, deadline: float, *, err: int, per_try: float,
+                         request_id: Callable[[], bytes], local: Callable[[], Awaitable[tuple[bool, Any]]]
+                         ) -> tuple[str | None, Any]:
+        """Send `kind` to the workspace's leader, wherever it is, retrying across failovers until
+        `deadline` (then FsError `err`). While this peer leads, `local()` answers instead: it
+        returns (done, result), done False to try again. Returns (leader, its reply dict), or
+        (None, result) when answered locally."""
+        delay = 0.02
+        bound = deadline - trio.current_time()
+        while True:
+            now = trio.current_time()
+            if now >= deadline:
+                raise FsError(err, f"workspace {self.ws}: no leader answered within {bound:.3g}s")
+            if self._leading() is not None:
+                done, result = await local()
+                if done:
+                    return None, result
+                continue
+            target = self._leader_hint()
+            if target is None or target == self.me:
+                with trio.move_on_at(min(deadline, now + 0.1)):
+                    await self._changed.wait()
+                continue
+            try:
+                self.rpcs += 1
+                reply = await self.node.call(target, kind, body, timeout=min(per_try, deadline - now),
+                                             request_id=request_id(), retries=1)
+            except RemoteError as e:
+                if e.code == "fs":
+                    try:
+                        raise FsError(int(e.message)) from None
+                    except ValueError:
+                        raise FsError(err, e.message) from None
+                if e.code == "not_leader":
+                    await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
+                    delay = min(delay * 2, 0.5)
+                    continue
+                raise FsError(err, f"leader {target}: {e.code}: {e.message}") from None
+            except PeerUnavailable:
+                await trio.sleep(0.01)   # a checkpoint: the failure may have been immediate
+                continue
+            if not isinstance(reply, dict) or not isinstance(reply.get("e"), int):
+                raise FsError(err, f"leader {target}: malformed reply")
+            if reply["e"] < self.epoch:
+                continue      # a deposed leader's late answer: ask the current one
+            self._adopt(target, reply["e"])
+            return target, reply
+
     async def _rpc(self, op: str, a: list, *, change: bool = False, durable: bool = False,
                    rid: bytes | None = None, opening: bool = False, deadline: float | None = None) -> Any:
         """One operation at the leader, wherever it is; retried across failovers until the bound.
@@ -642,7 +668,6 @@ class PeeredNamespace(NamespaceService):
         rid = rid or new_id()
         if deadline is None:
             deadline = trio.current_time() + self.failover_timeout
-        per_try = 1.0   # re-sends to the same leader join the first (same id): cheap, and a dead one is left sooner
         body: dict[str, Any] = {"ws": self.ws, "a": a}
         if change:
             body["rid"] = rid
@@ -650,59 +675,34 @@ class PeeredNamespace(NamespaceService):
             body["durable"] = True
         if opening:
             body["open"] = True
-        delay = 0.02
         gen = self.gen
-        while True:
-            now = trio.current_time()
-            if now >= deadline:
-                raise FsError(errno.EIO, f"workspace {self.ws}: no leader answered within "
-                                         f"{self.failover_timeout:g}s")
+
+        async def local() -> tuple[bool, Any]:
+            # We became the leader while retrying.
             role = self._leading()
-            if role is not None:
-                # We became the leader while retrying.
-                if change:
-                    return await self._as_leader(role, op, role._decode(op, a), rid, durable, deadline)
-                try:
-                    if op == "open":     # our own opens are known to the leader role directly
-                        return await role.local.getattr(a[0])
-                    return self._result(op, await role.serve(self.me, op, body), -1, False)
-                except (Deposed, NotLeader):
-                    continue
-            target = self._leader_hint()
-            if target is None or target == self.me:
-                with trio.move_on_at(min(deadline, now + 0.1)):
-                    await self._changed.wait()
-                continue
+            if role is None:
+                return False, None
+            if change:
+                return True, await self._as_leader(role, op, role._decode(op, a), rid, durable, deadline)
             try:
-                self.rpcs += 1
-                reply = await self.node.call(target, "ns." + op, body, timeout=min(per_try, deadline - now),
-                                             request_id=rid if change else new_id(), retries=1)
-            except RemoteError as e:
-                if e.code == "fs":
-                    try:
-                        raise FsError(int(e.message)) from None
-                    except ValueError:
-                        raise FsError(errno.EIO, e.message) from None
-                if e.code == "not_leader":
-                    await trio.sleep(min(delay, max(0.0, deadline - trio.current_time())))
-                    delay = min(delay * 2, 0.5)
-                    continue
-                raise FsError(errno.EIO, f"leader {target}: {e.code}: {e.message}") from None
-            except PeerUnavailable:
-                await trio.sleep(0.01)   # a checkpoint: the failure may have been immediate
-                continue
-            if not isinstance(reply, dict) or not isinstance(reply.get("e"), int):
-                raise FsError(errno.EIO, f"leader {target}: malformed reply")
-            if reply["e"] < self.epoch:
-                continue      # a deposed leader's late answer: ask the current one
-            self._adopt(target, reply["e"])
-            if isinstance(reply.get("g"), int) and reply["g"] > self.cbgen:
-                self._forget_all()        # the leader evicted us: what we cached is suspect
-                self.cbgen = reply["g"]
-                gen = -1
-            elif isinstance(reply.get("g"), int) and reply["g"] < self.cbgen:
-                gen = -1                  # an answer from before our eviction: use, do not cache
-            return self._result(op, reply["r"], gen, change, a)
+                if op == "open":     # our own opens are known to the leader role directly
+                    return True, await role.local.getattr(a[0])
+                return True, self._result(op, await role.serve(self.me, op, body), -1, False)
+            except (Deposed, NotLeader):
+                return False, None
+
+        # per try 1 s: re-sends to the same leader join the first (same id): cheap, and a dead one is left sooner
+        target, reply = await self._at_leader("ns." + op, body, deadline, err=errno.EIO, per_try=1.0,
+                                              request_id=lambda: rid if change else new_id(), local=local)
+        if target is None:
+            return reply
+        if isinstance(reply.get("g"), int) and reply["g"] > self.cbgen:
+            self._forget_all()        # the leader evicted us: what we cached is suspect
+            self.cbgen = reply["g"]
+            gen = -1
+        elif isinstance(reply.get("g"), int) and reply["g"] < self.cbgen:
+            gen = -1                  # an answer from before our eviction: use, do not cache
+        return self._result(op, reply["r"], gen, change, a)
 
     def _result(self, op: str, r: Any, gen: int, change: bool, a: list | None = None) -> Any:
         if change:
