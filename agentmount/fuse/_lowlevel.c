@@ -475,22 +475,24 @@ static PyObject *py_request(PyObject *self, PyObject *noargs)
                          cur.pid, cur.kill_suidgid, (unsigned long long) cur.lock_owner, cur.flock_release);
 }
 
-static PyObject *py_enable_killpriv_v2(PyObject *self, PyObject *arg)
+/* Set *flag from a Python truth value. */
+static PyObject *set_flag(int *flag, PyObject *arg)
 {
     int on = PyObject_IsTrue(arg);
     if (on < 0)
         return NULL;
-    want_killpriv_v2 = on;
+    *flag = on;
     Py_RETURN_NONE;
+}
+
+static PyObject *py_enable_killpriv_v2(PyObject *self, PyObject *arg)
+{
+    return set_flag(&want_killpriv_v2, arg);
 }
 
 static PyObject *py_set_no_capabilities(PyObject *self, PyObject *arg)
 {
-    int on = PyObject_IsTrue(arg);
-    if (on < 0)
-        return NULL;
-    no_capabilities = on;
-    Py_RETURN_NONE;
+    return set_flag(&no_capabilities, arg);
 }
 
 static PyObject *py_killpriv_v2(PyObject *self, PyObject *noargs)

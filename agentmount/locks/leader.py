@@ -217,9 +217,13 @@ class LockLeader:
     def _ttl_left(self, peer: str, now: float) -> float | None:
         if peer == self.me:
             return None       # the leader's own locks live as long as its leadership
+        return round(max(0.0, self.ttl - (now - self._alive_at(peer, now))), 3)
+
+    def _alive_at(self, peer: str, now: float) -> float:
+        """When `peer` was last known alive, counting no earlier than this leadership's start."""
+        started = self._started if self._started is not None else now
         seen = self._last_seen(peer)
-        alive_at = max(seen if seen is not None else (self._started or now), self._started or now)
-        return round(max(0.0, self.ttl - (now - alive_at)), 3)
+        return max(seen if seen is not None else started, started)
 
     # -- failover ----------------------------------------------------------------------------
     def _reassert(self, peer: str, held: list, waiting: list) -> int:
@@ -276,8 +280,7 @@ class LockLeader:
         for peer in list(self._peers_with_state):
             if peer == self.me:
                 continue
-            seen = self._last_seen(peer)
-            alive_at = max(seen if seen is not None else self._started, self._started)
+            alive_at = self._alive_at(peer, now)
             if now - alive_at > self.ttl:
                 log.warning("event=lock_session_expired ws=%s peer=%s silent_s=%.1f", self.ws, peer, now - alive_at)
                 self.sessions_expired += 1
