@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import trio
 
@@ -241,6 +242,109 @@ def cmd_locks(args) -> int:
     return 0
 
 
+def _events_call(cfg, req: dict, offline):
+    """`req` at the running peer, or `offline(store)` against the stores when none runs."""
+    resp = control.request(cfg.node.data_dir, req)
+    if resp is None:
+        return _with_store(cfg, offline)
+    if not resp.get("ok"):
+        raise ValueError(resp.get("error") or "failed")
+    return resp["result"]
+
+
+def cmd_webhook(args) -> int:
+    from agentmount.events import admin
+    cfg = _load(args)
+    ws = args.workspace
+    try:
+        if args.action == "list":
+            if ws:
+                subs = _events_call(cfg, {"cmd": "webhook.list", "workspace": ws}, lambda s: admin.list_subs(s, ws))
+            else:
+                from agentmount.meta import workspaces as wsreg
+
+                async def all_subs(store):
+                    out = []
+                    for n in sorted(await wsreg.list_workspaces(store)):
+                        out += await admin.list_subs(store, n)
+                    return out
+                subs = _events_call(cfg, {"cmd": "webhook.list"}, all_subs)
+            if args.json:
+                print(json.dumps(subs, indent=2, sort_keys=True))
+                return 0
+            for sub in subs:
+                state = f"disabled: {sub['disabled']}" if sub.get("disabled") else "enabled"
+                live = sub.get("delivery") or {}
+                print(f"{sub['id']}  {sub['workspace']}  {sub['url']}  events={','.join(sub['events'] or ['*'])}"
+                      f"{'  path=' + sub['path'] if sub.get('path') else ''}  {state}  cursor={sub['cursor']}"
+                      f"  dead={sub['dead_letters']}"
+                      + (f"  delivered={live['delivered']}  last_error={live['last_error']}" if live else ""))
+            return 0
+        if not ws:
+            raise ValueError("a workspace is required")
+        if args.action == "add":
+            if not args.target:
+                raise ValueError("webhook add needs a URL")
+            allow = args.allow_private or cfg.events.allow_private
+            req = {"cmd": "webhook.add", "workspace": ws, "url": args.target, "secret": args.secret,
+                   "events": args.event or None, "path": args.path, "allow_private": allow}
+            sub = _events_call(cfg, req, lambda s: admin.add(s, ws, args.target, args.secret, args.event or None,
+                                                             args.path, allow))
+            print(f"webhook {sub['id']} added to {ws}")
+            print(f"secret: {sub['secret']}")
+            return 0
+        if not args.target:
+            raise ValueError(f"webhook {args.action} needs a webhook id (see `agentmount webhook list`)")
+        sid = args.target
+        if args.action == "remove":
+            def offline_remove(s):
+                async def run():
+                    if not await admin.remove(s, ws, sid):
+                        raise ValueError(f"no webhook {sid!r} in workspace {ws!r}")
+                return run()
+            _events_call(cfg, {"cmd": "webhook.remove", "workspace": ws, "id": sid}, offline_remove)
+            print(f"webhook {sid} removed")
+            return 0
+        if args.action == "test":
+            r = _events_call(cfg, {"cmd": "webhook.test", "workspace": ws, "id": sid},
+                             lambda s: admin.test(s, ws, sid, cfg.events.timeout_s))
+            print(f"{'delivered' if r['ok'] else 'failed'}: status {r['status']} in {r['ms']} ms"
+                  + (f" ({r['error']})" if r.get("error") else ""))
+            return 0 if r["ok"] else 1
+        r = _events_call(cfg, {"cmd": "webhook.replay", "workspace": ws, "id": sid},
+                         lambda s: admin.replay(s, ws, sid, cfg.events.timeout_s))
+        print(f"replayed: {r['delivered']} delivered, {r['failed']} still failing")
+        for e in r["errors"]:
+            print(f"  {e}")
+        return 0 if r["failed"] == 0 else 1
+    except ValueError as e:
+        print(f"agentmount: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_events(args) -> int:
+    from agentmount.events import admin
+    cfg = _load(args)
+    ws, after = args.workspace, args.since
+    try:
+        while True:
+            r = _events_call(cfg, {"cmd": "events.tail", "workspace": ws, "after": after, "limit": args.lines},
+                             lambda s: admin.tail(s, ws, after, args.lines))
+            if r.get("gap"):
+                print(json.dumps({"type": "fs.overflow", "data": r["gap"]}), flush=True)
+            for ev in r["events"]:
+                print(json.dumps(ev, sort_keys=True), flush=True)
+            if not args.follow:
+                return 0
+            after = r["next"]
+            time.sleep(0.5)
+    except ValueError as e:
+        print(f"agentmount: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
 def _end(end: int) -> str:
     return "EOF" if end >= (1 << 63) - 1 else str(end)
 
@@ -286,6 +390,23 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("workspace", nargs="?", help="only this workspace")
     lk.add_argument("--json", action="store_true")
     lk.set_defaults(fn=cmd_locks)
+    wh = with_config(sub.add_parser("webhook", help="add, list, remove, test or replay webhook subscriptions"))
+    wh.add_argument("action", choices=["add", "list", "remove", "test", "replay"])
+    wh.add_argument("workspace", nargs="?")
+    wh.add_argument("target", nargs="?", help="add: the URL; remove/test/replay: the webhook id")
+    wh.add_argument("--secret", help="add: whsec_... (default: a new one, printed)")
+    wh.add_argument("--event", action="append", help="add: an event type to send (repeat; default: all)")
+    wh.add_argument("--path", help="add: only events whose path matches this glob, e.g. '/reports/*'")
+    wh.add_argument("--allow-private", action="store_true", help="add: allow a loopback/private-range URL")
+    wh.add_argument("--json", action="store_true")
+    wh.set_defaults(fn=cmd_webhook)
+    ev = with_config(sub.add_parser("events", help="print a workspace's change events (pull)"))
+    ev.add_argument("action", choices=["tail"])
+    ev.add_argument("workspace")
+    ev.add_argument("--since", type=int, default=None, help="events of records after this seq (default: the last N)")
+    ev.add_argument("-n", "--lines", type=int, default=20, help="at most this many (default 20)")
+    ev.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    ev.set_defaults(fn=cmd_events)
     w = with_config(sub.add_parser("workspace", help="create, list or delete workspaces"))
     w.add_argument("action", choices=["create", "list", "delete"])
     w.add_argument("name", nargs="?")

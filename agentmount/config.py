@@ -85,6 +85,27 @@ class FsConfig:
 
 
 @dataclass
+class WebhookConfig:
+    workspace: str
+    url: str
+    secret: str
+    events: list[str] | None = None
+    path: str | None = None
+    allow_private: bool = False
+
+
+@dataclass
+class EventsConfig:
+    retry_schedule_s: list[float] = field(default_factory=lambda: [0, 5, 30, 120, 600, 1800, 7200])
+    retry_every_s: float = 21600.0
+    retry_budget_s: float = 3 * 86400.0
+    timeout_s: float = 15.0
+    max_in_flight: int = 1
+    max_backlog: int = 1000000
+    allow_private: bool = False
+
+
+@dataclass
 class LogConfig:
     level: str = "warning"
     file: str | None = None
@@ -100,6 +121,8 @@ class Config:
     workspaces: list[str] = field(default_factory=list)
     peers: list[PeerConfig] = field(default_factory=list)
     lease: LeaseSettings = field(default_factory=LeaseSettings)
+    webhooks: list[WebhookConfig] = field(default_factory=list)
+    events: EventsConfig = field(default_factory=EventsConfig)
     write_quorum: int = 1
     hedge_ms: int = 50
     health_interval_s: float = 1.0
@@ -158,7 +181,17 @@ _LEASE = {"duration_s": lambda v: _nonneg_num(v) and 0.2 <= v <= 600,
           "failover_timeout_s": lambda v: _nonneg_num(v) and 0.5 <= v <= 3600,
           "invalidate_timeout_s": lambda v: _nonneg_num(v) and 0.05 <= v <= 600,
           "lock_ttl_s": lambda v: _nonneg_num(v) and 2.0 <= v <= 3600}
-_TOP = {"node", "peer", "lease", "store", "replication", "cache", "fs", "log", "workspace", "webhook"}
+_WEBHOOK = {"workspace": lambda v: isinstance(v, str) and bool(WORKSPACE_NAME_RE.match(v)), "url": _str,
+            "secret": _str, "events": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+            "path": _str, "allow_private": lambda v: isinstance(v, bool)}
+_EVENTS = {"retry_schedule_s": lambda v: isinstance(v, list) and 0 < len(v) <= 64 and all(_nonneg_num(x) for x in v),
+           "retry_every_s": lambda v: _nonneg_num(v) and v > 0,
+           "retry_budget_s": lambda v: _nonneg_num(v) and v > 0,
+           "timeout_s": lambda v: _nonneg_num(v) and 0.1 <= v <= 600,
+           "max_in_flight": lambda v: _positive_int(v) and v <= 256,
+           "max_backlog": lambda v: _positive_int(v) and v >= 100,
+           "allow_private": lambda v: isinstance(v, bool)}
+_TOP = {"node", "peer", "lease", "store", "replication", "cache", "fs", "log", "workspace", "webhook", "events"}
 _HINT = {
     "block_size_kb": "a power of two between 64 and 16384",
     "chunk_size_mb": "a power of two between 1 and 1024",
@@ -218,8 +251,6 @@ def parse(text: str, path: str | None = None) -> Config:
     if lease.renew_s > lease.duration_s / 2:
         raise ConfigError(f"lease.renew_s: {lease.renew_s:g} must be at most half of lease.duration_s "
                           f"({lease.duration_s:g})")
-    if "webhook" in raw:
-        raise ConfigError("webhook: webhooks are not supported by this version")
     stores_raw = raw.get("store")
     if not stores_raw:
         raise ConfigError("store: at least one [[store]] is required")
@@ -274,10 +305,30 @@ def parse(text: str, path: str | None = None) -> Config:
         if t["name"] in workspaces:
             raise ConfigError(f"workspace[{i}].name: duplicate workspace {t['name']!r}")
         workspaces.append(t["name"])
+    events = EventsConfig(**_check_table("events", raw.get("events", {}), _EVENTS))
+    webhooks = _parse_webhooks(raw.get("webhook", []), events)
     return Config(node=node, stores=stores, cache=cache, fs=fs, log=log, workspaces=workspaces, peers=peers,
-                  lease=lease, write_quorum=wq,
+                  lease=lease, write_quorum=wq, webhooks=webhooks, events=events,
                   hedge_ms=repl.get("hedge_ms", 50), health_interval_s=float(repl.get("health_interval_s", 1.0)),
                   path=path)
+
+
+def _parse_webhooks(raw: Any, events: EventsConfig) -> list[WebhookConfig]:
+    from agentmount.events.subscriptions import InvalidSubscription, validate
+    if not isinstance(raw, list):
+        raise ConfigError("webhook: must be an array of tables ([[webhook]])")
+    out = []
+    for i, w in enumerate(raw):
+        t = _check_table(f"webhook[{i}]", w, _WEBHOOK, ("workspace", "url", "secret"))
+        allow = t.get("allow_private", events.allow_private)
+        try:
+            validate(t["workspace"], t["url"], t["secret"], t.get("events"), t.get("path"), allow,
+                     where=f"webhook[{i}]")
+        except InvalidSubscription as e:
+            raise ConfigError(str(e)) from None
+        out.append(WebhookConfig(workspace=t["workspace"], url=t["url"], secret=t["secret"], events=t.get("events"),
+                                 path=t.get("path"), allow_private=allow))
+    return out
 
 
 def _parse_peers(peers_raw: Any, node: NodeConfig) -> list[PeerConfig]:

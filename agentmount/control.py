@@ -1,6 +1,7 @@
 """The control socket of a running peer: `<data_dir>/control.sock`, JSON lines.
 
-The daemon answers `status`, `locks`, `sweep`, `workspace.list/create/delete`; the CLI uses it
+The daemon answers `status`, `locks`, `sweep`, `workspace.list/create/delete`, `webhook.*`
+and `events.tail`; the CLI uses it
 when a peer is running on that data dir and falls back to the store when not.
 Only the socket's owner can connect (mode 0600).
 """
@@ -61,6 +62,8 @@ async def serve(path: str, vfs, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 resp = {"ok": True, "result": result}
             except FsError as e:
                 resp = {"ok": False, "error": os.strerror(e.errno), "errno": e.errno}
+            except ValueError as e:          # an invalid webhook and the like: the message says what
+                resp = {"ok": False, "error": str(e), "errno": 22}
             await stream.send_all(json.dumps(resp).encode() + b"\n")
         except Exception:  # noqa: BLE001 - a bad client must not hurt the daemon
             log.exception("control request failed")
@@ -97,7 +100,47 @@ async def _dispatch(vfs, req: dict):
     if cmd == "workspace.delete":
         await vfs.delete_workspace(req["name"], force=bool(req.get("force")))
         return req["name"]
+    if cmd.startswith(("webhook.", "events.")):
+        return await _events(vfs, cmd, req)
     raise FsError(22, f"unknown command {cmd!r}")
+
+
+async def _events(vfs, cmd: str, req: dict):
+    from agentmount.events import admin
+    name = req.get("workspace")
+    ws = vfs.workspaces.get(name) if name else None
+    d = ws.deliverer if ws is not None else None
+    store = vfs.store
+    if cmd == "webhook.list":
+        names = [name] if name else sorted(vfs.workspaces)
+        out = []
+        for n in names:
+            w = vfs.workspaces.get(n)
+            out += await admin.list_subs(store, n, admin.live_status(w.deliverer if w else None))
+        return out
+    if ws is None:
+        raise FsError(2, f"no workspace {name!r}")
+    if cmd == "webhook.add":
+        allow = bool(req.get("allow_private")) or vfs.cfg.events.allow_private
+        start = d.local.journal.last_seq if d is not None else -1
+        out = await admin.add(store, name, req["url"], req.get("secret"), req.get("events"), req.get("path"),
+                              allow, start)
+    elif cmd == "webhook.remove":
+        out = await admin.remove(store, name, req["id"])
+        if not out:
+            raise FsError(2, f"no webhook {req['id']!r} in workspace {name!r}")
+    elif cmd == "webhook.test":
+        return await admin.test(store, name, req["id"], vfs.cfg.events.timeout_s)
+    elif cmd == "webhook.replay":
+        return await admin.replay(store, name, req["id"], vfs.cfg.events.timeout_s)
+    elif cmd == "events.tail":
+        return await admin.tail(store, name, req.get("after"), int(req.get("limit", 20)),
+                                d.feed if d is not None else None)
+    else:
+        raise FsError(22, f"unknown command {cmd!r}")
+    if d is not None:
+        d.wake()
+    return out
 
 
 def request(data_dir: str, req: dict, timeout: float = 120.0) -> dict | None:

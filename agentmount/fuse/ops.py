@@ -20,6 +20,7 @@ import os
 import pyfuse3
 
 from agentmount.errors import FsError
+from agentmount.meta.actor import ACTOR
 from agentmount.fuse import killpriv, lowlevel
 from agentmount.vfs.vfs import VFS, Attr
 
@@ -33,6 +34,9 @@ FUSE_STATS_XATTR = b"user.agentmount.fuse"
 def _errors(fn):
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
+        ctx = args[-1] if args else None
+        if isinstance(ctx, pyfuse3.RequestContext):
+            ACTOR.set((ctx.uid, ctx.pid))      # who to name in the change's event
         try:
             return await fn(*args, **kwargs)
         except FsError as e:

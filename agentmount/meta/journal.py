@@ -138,22 +138,9 @@ class Loaded:
     inline: dict[str, bytes]    # block key -> bytes committed inline by replayed records
 
 
-async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
-    """Recover the state of `ws`: newest valid snapshot, then the journal after it."""
-    state = fresh
-    snap_seq = 0
-    snap_inline: dict[str, bytes] = {}
-    snaps = sorted(((int(m.group(1)), k) for k in await store.list_keys(snapshot_prefix(ws))
-                    if (m := _SNAP_RE.search(k))), reverse=True)
-    for seq, key in snaps:
-        try:
-            _, obj = await store.get_checked(key, lambda data: unpack(block.decode(data)))
-            state = NamespaceState.from_obj(obj)
-            snap_inline = dict(obj.get("inline") or {})
-            snap_seq = seq
-            break
-        except (block.CorruptBlock, NotFound, ValueError, KeyError) as e:
-            log.warning("snapshot %s unreadable (%s); trying an older one", key, e)
+async def read_records(store: ObjectStore, ws: str, after: int) -> tuple[dict[int, dict], int]:
+    """The journal's records with seq > `after` (by seq; records a deposed epoch wrote after a
+    newer epoch began are left out), and the highest epoch seen."""
     segs = []
     max_epoch = 0
     for k in await store.list_keys(journal_prefix(ws)):
@@ -171,9 +158,12 @@ async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
         return min(later) if later else float("inf")
 
     records: dict[int, tuple[int, dict]] = {}
-    for e, first, key in segs:
+    segs.sort(key=lambda x: x[1])
+    for i, (e, first, key) in enumerate(segs):
         if first > 10**15:
             continue
+        if i + 1 < len(segs) and segs[i + 1][1] <= after + 1 and segs[i + 1][0] >= e:
+            continue      # wholly at or before `after` (a later segment of this epoch or newer follows)
         limit = cutoff(e)
         if first >= limit:
             continue
@@ -190,11 +180,32 @@ async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
         for seg in batches:
             for rec in seg["records"]:
                 s = rec["seq"]
-                if s <= state.seq or s >= limit:
+                if s <= after or s >= limit:
                     continue
                 prev = records.get(s)
                 if prev is None or prev[0] < e:
                     records[s] = (e, rec)
+    return {s: r for s, (_, r) in records.items()}, max_epoch
+
+
+async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
+    """Recover the state of `ws`: newest valid snapshot, then the journal after it."""
+    state = fresh
+    snap_seq = 0
+    snap_inline: dict[str, bytes] = {}
+    snaps = sorted(((int(m.group(1)), k) for k in await store.list_keys(snapshot_prefix(ws))
+                    if (m := _SNAP_RE.search(k))), reverse=True)
+    for seq, key in snaps:
+        try:
+            _, obj = await store.get_checked(key, lambda data: unpack(block.decode(data)))
+            state = NamespaceState.from_obj(obj)
+            snap_inline = dict(obj.get("inline") or {})
+            snap_seq = seq
+            break
+        except (block.CorruptBlock, NotFound, ValueError, KeyError) as e:
+            log.warning("snapshot %s unreadable (%s); trying an older one", key, e)
+    found, max_epoch = await read_records(store, ws, state.seq)
+    records = {s: (0, r) for s, r in found.items()}
     replayed = 0
     inline: dict[str, bytes] = snap_inline
     for s in sorted(records):
@@ -274,6 +285,13 @@ class Journal:
                 await ev.wait()
         if scope.cancelled_caught:
             raise FsError(errno.EIO, f"journal of {self.ws} not durable: {self.error or 'store timeout'}")
+
+    async def wait_past(self, seq: int) -> None:
+        """Until some record after `seq` is durable (no hurry: the group-commit window applies)."""
+        while self.durable_seq <= seq:
+            if self.deposed:
+                raise Deposed(self.ws)
+            await self._progress.wait()
 
     async def run(self) -> None:
         """The committer task: batches pending records into segments, one put at a time."""
@@ -372,9 +390,11 @@ async def write_snapshot(store: ObjectStore, state: NamespaceState,
     return key
 
 
-async def prune(store: ObjectStore, ws: str, snapshot_seq: int, keep_snapshots: int = 2) -> int:
+async def prune(store: ObjectStore, ws: str, snapshot_seq: int, keep_snapshots: int = 2,
+                hold: int | None = None) -> int:
     """Delete snapshots beyond the newest `keep_snapshots`, and the journal segments wholly
-    covered by the oldest snapshot kept (so falling back to it still finds its records)."""
+    covered by the oldest snapshot kept (so falling back to it still finds its records);
+    segments holding records after `hold` (undelivered events) are kept too."""
     removed = 0
     snaps = sorted((int(m.group(1)), k) for k in await store.list_keys(snapshot_prefix(ws))
                    if (m := _SNAP_RE.search(k)))
@@ -383,6 +403,8 @@ async def prune(store: ObjectStore, ws: str, snapshot_seq: int, keep_snapshots: 
         removed += 1
     kept = [s for s, _ in snaps[-keep_snapshots:]]
     cutoff = min(kept) if kept else 0
+    if hold is not None:
+        cutoff = min(cutoff, hold)
     segs = []
     for k in await store.list_keys(journal_prefix(ws)):
         m = _SEG_RE.search(k)

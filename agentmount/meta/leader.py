@@ -148,7 +148,8 @@ class LeaderRole:
             await trio.sleep(self.invalidate_timeout)
 
     # -- changes ----------------------------------------------------------------------------
-    async def mutate(self, origin: str, op: str, a: list, rid: bytes) -> tuple[Any, Affected]:
+    async def mutate(self, origin: str, op: str, a: list, rid: bytes,
+                     actor: list | None = None) -> tuple[Any, Affected]:
         """Apply one change for `origin` (at most once per request id); returns (result, affected)."""
         local = self.local
         done = local.outcome(rid)
@@ -159,10 +160,12 @@ class LeaderRole:
             result = self._replayed(op, a, done)
         else:
             local.current_rid = rid
+            local.current_actor = [origin] + list(actor[:2]) if actor else [origin, None, None]
             try:
                 result = await self._apply(op, a)
             finally:
                 local.current_rid = None
+                local.current_actor = None
         aff = self._affected(op, a, result, pre)
         if op in ("free",) and a[0] not in local.state.inodes:
             for table in (self.attr_cb, self.open_by):
@@ -187,8 +190,10 @@ class LeaderRole:
         if op == "removexattr":
             return await local.removexattr(*a)
         if op == "commit_write":
-            ino, slices, end, mtime, inline = a
-            return await local.commit_write(ino, slices, end, mtime, inline)
+            ino, slices, end, mtime, inline, closing = a
+            return await local.commit_write(ino, slices, end, mtime, inline, closing=closing)
+        if op == "written":
+            return await local.written(a[0])
         if op == "compact":
             return await local.compact(*a)
         if op == "free":
@@ -205,7 +210,7 @@ class LeaderRole:
             if node is None:
                 raise FsError(errno.ENOENT)
             return node
-        if op in ("commit_write", "compact"):
+        if op in ("commit_write", "compact", "written"):
             return seq
         return None
 
@@ -274,14 +279,16 @@ class LeaderRole:
         if not isinstance(rid, bytes):
             raise RemoteError("bad_request", "a change needs a request id")
         args = self._decode(op, a)
-        result, aff = await self.mutate(sender, op, args, rid)
+        act = body.get("act")
+        result, aff = await self.mutate(sender, op, args, rid,
+                                        act if isinstance(act, list) and len(act) == 2 else None)
         if op == "mknod" and body.get("open") and isinstance(result, Inode):
             self.open_by.setdefault(result.ino, set()).add(sender)
         for parent, _ in aff[2]:
             self._hold_dir(sender, parent)   # it caches the names it just made
         # A follower's change is durable before it is answered: its peer may outlive us, and
         # must never have been told of a change a failover then loses.
-        await local.sync(result if op in ("commit_write", "compact") else local.journal.last_seq)
+        await local.sync(result if op in ("commit_write", "compact", "written") else local.journal.last_seq)
         out: dict[str, Any] = {"aff": [aff[0], aff[1], [list(x) for x in aff[2]]]}
         if isinstance(result, Inode):
             self._hold_attr(sender, result.ino)
@@ -296,8 +303,9 @@ class LeaderRole:
 
     def _decode(self, op: str, a: list) -> list:
         if op == "commit_write":
-            ino, slices, end, mtime, inline = a
-            return [ino, [(i, Slice.from_tuple(t)) for i, t in slices], end, mtime, inline or None]
+            ino, slices, end, mtime, inline = a[:5]
+            closing = bool(a[5]) if len(a) > 5 else False
+            return [ino, [(i, Slice.from_tuple(t)) for i, t in slices], end, mtime, inline or None, closing]
         if op == "compact":
             ino, chunk, old, new, drop = a
             return [ino, chunk, [Slice.from_tuple(t) for t in old], [Slice.from_tuple(t) for t in new],

@@ -33,6 +33,7 @@ from agentmount.chunks.layout import Slice
 from agentmount.config import Config
 from agentmount.errors import Deposed, FsError
 from agentmount.locks.leader import LockLeader
+from agentmount.meta import actor
 from agentmount.meta import journal as jr
 from agentmount.meta import workspaces as wsreg
 from agentmount.meta.leader import LeaderRole, attr_list
@@ -132,6 +133,8 @@ class PeeredNamespace(NamespaceService):
         self.on_lock_grant: Callable[[int, dict], None] | None = None
         self.on_lock_leader_change: Callable[[], None] | None = None
         self.lock_ttl = cfg.lease.lock_ttl_s
+        # Runs while this peer leads (cancelled when the leadership ends): event delivery.
+        self.while_leading: Callable[[LocalNamespace], Awaitable[None]] | None = None
 
     # -- roles ---------------------------------------------------------------------------------
     def _set_role(self, role: Role) -> None:
@@ -250,6 +253,8 @@ class PeeredNamespace(NamespaceService):
                 self._lock_leader_changed()
                 self._set_role(Role.LEADER)
                 n.start_soon(locks.run)     # the grace period runs from now
+                if self.while_leading is not None:
+                    n.start_soon(self.while_leading, local)
                 self._ready.set()
                 log.warning("event=leading ws=%s epoch=%d seq=%d replayed=%d", self.ws, lead.epoch,
                             loaded.state.seq, loaded.replayed)
@@ -671,6 +676,9 @@ class PeeredNamespace(NamespaceService):
         body: dict[str, Any] = {"ws": self.ws, "a": a}
         if change:
             body["rid"] = rid
+            act = actor.current()
+            if act is not None:
+                body["act"] = list(act)
         if durable:
             body["durable"] = True
         if opening:
@@ -741,7 +749,8 @@ class PeeredNamespace(NamespaceService):
                          deadline: float | None = None) -> Any:
         """A change made through our own mount while we lead (reads never get here)."""
         try:
-            result, _ = await role.mutate(self.me, op, a, rid)
+            act = actor.current()
+            result, _ = await role.mutate(self.me, op, a, rid, list(act) if act else None)
             if durable:
                 await role.local.sync(result)
             return result
@@ -756,8 +765,8 @@ class PeeredNamespace(NamespaceService):
     @staticmethod
     def _wire(op: str, a: list) -> list:
         if op == "commit_write":
-            ino, slices, end, mtime, inline = a
-            return [ino, [(i, s.to_tuple()) for i, s in slices], end, mtime, inline]
+            ino, slices, end, mtime, inline, closing = a
+            return [ino, [(i, s.to_tuple()) for i, s in slices], end, mtime, inline, closing]
         if op == "compact":
             ino, chunk, old, new, drop = a
             return [ino, chunk, [s.to_tuple() for s in old], [s.to_tuple() for s in new],
@@ -946,8 +955,12 @@ class PeeredNamespace(NamespaceService):
         await self._change("removexattr", [ino, name])
 
     async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int,
-                           inline: dict[str, bytes] | None = None, durable: bool = False) -> int:
-        return await self._change("commit_write", [ino, slices, end, mtime, inline], durable=durable)
+                           inline: dict[str, bytes] | None = None, durable: bool = False,
+                           closing: bool = False) -> int:
+        return await self._change("commit_write", [ino, slices, end, mtime, inline, closing], durable=durable)
+
+    async def written(self, ino: int) -> int:
+        return await self._change("written", [ino])
 
     async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice], drop: list[Slice]) -> int:
         return await self._change("compact", [ino, chunk, old, new, drop])

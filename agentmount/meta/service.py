@@ -18,9 +18,13 @@ import trio
 
 from agentmount.chunks.layout import Slice, slice_block_keys
 from agentmount.errors import Deposed, FsError
+from agentmount.events.derive import Annotator
 from agentmount.meta import journal as jr
 from agentmount.meta.state import ROOT_INO, Inode, NamespaceState, chunk_digest
 from backend.store import ObjectStore
+
+RECENT_KEEP = 50000    # records with events kept in memory for delivery (twice this at most)
+_EVENT_KEYS = ("seq", "epoch", "t", "act", "ev")
 
 log = logging.getLogger("agentmount.meta")
 
@@ -142,8 +146,14 @@ class NamespaceService(abc.ABC):
 
     @abc.abstractmethod
     async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int,
-                           inline: dict[str, bytes] | None = None, durable: bool = False) -> int:
-        """Commit written slices; with `durable`, return once the record is durable."""
+                           inline: dict[str, bytes] | None = None, durable: bool = False,
+                           closing: bool = False) -> int:
+        """Commit written slices; with `durable`, return once the record is durable; `closing`:
+        a close or fsync commits them (the record yields fs.file.written)."""
+
+    @abc.abstractmethod
+    async def written(self, ino: int) -> int:
+        """Record that a handle which wrote `ino` was closed or fsync'ed (fs.file.written)."""
 
     @abc.abstractmethod
     async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice], drop: list[Slice]) -> int:
@@ -180,6 +190,16 @@ class LocalNamespace(NamespaceService):
         # The request id the next change carries (set by the caller right before a change;
         # the change methods do not await before committing, so it cannot leak to another).
         self.current_rid: bytes | None = None
+        # Likewise who makes it: [peer, uid, pid] (stamped on the record for its events).
+        self.current_actor: list | None = None
+        # Resolves each record's change events into it (the journal is the event outbox).
+        self.annotator = Annotator(state)
+        # Records with events, newest last; complete from seq `recent_from` on (older ones are
+        # read back from the journal). `event_hold`, set by event delivery: journal segments
+        # with records after the seq it returns are kept (their events are not delivered yet).
+        self.recent: list[dict] = []
+        self.recent_from = state.seq + 1
+        self.event_hold: Callable[[], int | None] | None = None
         self.strict_inodes = False   # with peers: a write to an unknown inode is an error
         self.on_gc: Callable[[str], object] | None = None
         # Awaited before a snapshot: returns the inline-committed blocks (key -> bytes) not yet
@@ -214,9 +234,21 @@ class LocalNamespace(NamespaceService):
         rid, self.current_rid = self.current_rid, None
         if rid is not None:
             rec["rid"] = rid
+        act, self.current_actor = self.current_actor, None
+        if act is not None:
+            rec["act"] = act
         rec.setdefault("t", jr.now_ns())
+        pre = self.annotator.before(rec)
         seq = self.journal.append(rec)
         dropped = self.state.apply(rec)
+        # Same step as the append: the committer has not encoded the record yet.
+        self.annotator.after(rec, pre)
+        if "ev" in rec:
+            recent = self.recent
+            recent.append({k: rec[k] for k in _EVENT_KEYS if k in rec})   # not its data
+            if len(recent) > 2 * RECENT_KEEP:
+                del recent[:RECENT_KEEP]
+                self.recent_from = recent[0]["seq"]
         if dropped:
             self._garbage.append((seq, trio.current_time() + self.gc_grace, dropped))
             self._gc_wake.set()
@@ -429,16 +461,25 @@ class LocalNamespace(NamespaceService):
 
     # -- data --------------------------------------------------------------------------
     async def commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int,
-                           inline: dict[str, bytes] | None = None, durable: bool = False) -> int:
+                           inline: dict[str, bytes] | None = None, durable: bool = False,
+                           closing: bool = False) -> int:
         """Commit uploaded slices; `inline` carries the bytes of small slices (sid -> data) whose
-        blocks upload after the commit (recovery re-stores them from the journal)."""
-        seq = self._commit_write(ino, slices, end, mtime, inline)
+        blocks upload after the commit (recovery re-stores them from the journal). `closing`:
+        the close or fsync of a handle commits them (an fs.file.written event)."""
+        seq = self._commit_write(ino, slices, end, mtime, inline, closing)
         if durable:
             await self.sync(seq)
         return seq
 
+    async def written(self, ino: int) -> int:
+        """A handle that wrote `ino` (its bytes already committed) was closed or fsync'ed."""
+        node = self.state.inodes.get(ino)
+        if node is None or node.nlink == 0:
+            return self.journal.last_seq
+        return self._commit({"op": "written", "ino": ino})
+
     def _commit_write(self, ino: int, slices: list[tuple[int, Slice]], end: int, mtime: int,
-                      inline: dict[str, bytes] | None) -> int:
+                      inline: dict[str, bytes] | None, closing: bool = False) -> int:
         node = self.state.inodes.get(ino)
         if node is None and self.strict_inodes:
             self._missing(ino)
@@ -452,6 +493,8 @@ class LocalNamespace(NamespaceService):
                "mtime": mtime}
         if inline:
             rec["inline"] = inline
+        if closing:
+            rec["cw"] = True
         return self._commit(rec)
 
     async def compact(self, ino: int, chunk: int, old: list[Slice], new: list[Slice], drop: list[Slice]) -> int:
@@ -484,7 +527,7 @@ class LocalNamespace(NamespaceService):
             if self.fence is not None:
                 self.fence()
             await jr.write_snapshot(self.store, self.state, carried, obj=obj)
-            await jr.prune(self.store, self.ws, seq)
+            await jr.prune(self.store, self.ws, seq, hold=self.event_hold() if self.event_hold else None)
 
     def referenced_sids(self) -> set[str]:
         return {s.sid for s in self.state.all_slices()}

@@ -321,6 +321,12 @@ class NamespaceState:
         node.ctime = r["t"]
         node.version += 1
 
+    def _op_written(self, r: dict) -> None:
+        """A file written through a handle was closed or fsync'ed: an event, no change."""
+
+    def _op_lock(self, r: dict) -> None:
+        """A lock was acquired, released or revoked: an event, no change."""
+
     def _op_compact(self, r: dict) -> list[Slice]:
         """Swap in compacted slices if the chunk is exactly as the compactor read it."""
         node = self.inodes.get(r["ino"])

@@ -26,8 +26,10 @@ from agentmount.chunks import block
 from agentmount.chunks.blockio import BlockIO
 from agentmount.chunks.layout import block_key
 from agentmount.config import Config
-from agentmount.errors import FsError
+from agentmount.errors import Deposed, FsError
 from agentmount.meta import workspaces as wsreg
+from agentmount.events.delivery import Deliverer
+from agentmount.meta import actor
 from agentmount.meta import journal as jr
 from agentmount.meta.peered import KernelHooks, PeeredNamespace, Role
 from agentmount.meta.service import LocalNamespace, check_name
@@ -91,6 +93,7 @@ class Workspace:
         self.inline_queue: list[tuple[str, bytes]] = []
         self.inline_queued_bytes = 0
         self.inline_wake = trio.Event()
+        self.deliverer: Deliverer | None = None   # while this peer leads it
 
     def gino(self, local: int) -> int:
         return self.base | local
@@ -101,13 +104,16 @@ class Workspace:
 
 
 class FileHandle:
-    __slots__ = ("ws", "ino", "writable", "wrote", "next_off", "ra_block")
+    __slots__ = ("ws", "ino", "writable", "wrote", "next_off", "ra_block", "unreported", "actor")
 
     def __init__(self, ws: Workspace, ino: int, writable: bool) -> None:
         self.ws = ws
         self.ino = ino
         self.writable = writable
         self.wrote = False
+        # Changed through this handle since its last fs.file.written (reported at close/fsync).
+        self.unreported = False
+        self.actor = actor.current()   # the opener, named by the events of close and fsync
         self.next_off = -1
         self.ra_block = -1   # block index readahead was last started from
 
@@ -206,6 +212,7 @@ class VFS:
         meta.before_snapshot = lambda: self._inline_barrier(ws)
         meta.on_lock_grant = self.locks.granted
         meta.on_lock_leader_change = lambda: self.locks.leader_changed(ws)
+        meta.while_leading = lambda local: self._deliver_events(ws, local)
         self.workspaces[name] = ws
         self.by_index[ws.index] = ws
         try:
@@ -247,6 +254,18 @@ class VFS:
                 await local.free(ino)
         log.info("workspace %s: snapshot %d + %d records replayed, epoch %d", ws.name, loaded.snapshot_seq,
                  loaded.replayed, local.journal.epoch)
+
+    async def _deliver_events(self, ws: Workspace, local: LocalNamespace) -> None:
+        """While this peer leads `ws`: deliver its change events to the webhook subscribers."""
+        d = Deliverer(local, self.cfg.events, self.cfg.webhooks, self.node.name)
+        ws.deliverer = d
+        try:
+            await d.run()
+        except Deposed:
+            pass      # the leadership ends: the next leader resumes from the saved cursors
+        finally:
+            if ws.deliverer is d:
+                ws.deliverer = None
 
     async def _free_unclaimed(self, ws: Workspace, orphans: list[int]) -> None:
         await trio.sleep(self.cfg.lease.failover_timeout_s)
@@ -607,18 +626,23 @@ class VFS:
         if node.is_dir:
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if flags & os.O_TRUNC and node.is_reg:
-            # libfuse negotiates atomic_o_trunc: the kernel leaves O_TRUNC to us.
-            await self.setattr(gino, {"size": 0, "mtime": time.time_ns()})
+        truncated = bool(flags & os.O_TRUNC and node.is_reg)
+        if truncated:
+            # libfuse negotiates atomic_o_trunc: the kernel leaves O_TRUNC to us. Reported as
+            # the fs.file.written of the close, not as an attribute change.
+            await self.setattr(gino, {"size": 0, "mtime": time.time_ns(), "quiet": True})
         fh = self._new_fh()
-        self.files[fh] = FileHandle(ws, ino, writable)
+        self.files[fh] = h = FileHandle(ws, ino, writable)
+        h.unreported = truncated
         ws.opens[ino] = ws.opens.get(ino, 0) + 1
         return fh
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Attr]:
         attr = await self.mknod(parent, name, (mode & 0o7777) | st.S_IFREG, 0, uid, gid, opening=True)
-        fh = await self.open(attr.ino, flags)
-        self.files[fh].wrote = True  # a created file is durable at close like a written one
+        fh = await self.open(attr.ino, flags & ~os.O_TRUNC)    # (it is empty)
+        h = self.files[fh]
+        h.wrote = True  # a created file is durable at close like a written one
+        h.unreported = True
         return fh, attr
 
     def _dirty(self, ws: Workspace, node: Inode) -> DirtyFile:
@@ -681,21 +705,23 @@ class VFS:
         await d.write(off, data, time.time_ns())
         self.write_calls += 1
         self.bytes_written += len(data)
-        h.wrote = True
+        h.wrote = h.unreported = True
         return len(data)
 
-    async def _commit(self, ws: Workspace, ino: int, d: DirtyFile, durable: bool) -> None:
-        seq: int | None = None
+    async def _commit(self, ws: Workspace, ino: int, d: DirtyFile, durable: bool, closing: bool = False) -> bool:
+        """Commit what `d` buffers; False if another task had committed it all meanwhile."""
         async with d.lock:
             # Another task may have committed these bytes while we waited for the lock;
             # a durable caller then still waits for the journal below.
             if not d.empty:
-                seq = await self._commit_locked(ws, ino, d, durable)
-                return
+                await self._commit_locked(ws, ino, d, durable, closing)
+                return True
         if durable:
-            await ws.meta.sync(seq)
+            await ws.meta.sync()
+        return False
 
-    async def _commit_locked(self, ws: Workspace, ino: int, d: DirtyFile, durable: bool = False) -> int:
+    async def _commit_locked(self, ws: Workspace, ino: int, d: DirtyFile, durable: bool = False,
+                             closing: bool = False) -> int:
         batch = await d.collect(self.inline_max)
         slices = [(p.chunk, p.as_slice()) for p in batch]
         cs = ws.meta.chunk_size
@@ -707,7 +733,7 @@ class VFS:
             self.blockio.pinned[key] = data
             ws.inline_pending.add(key)
         try:
-            seq = await ws.meta.commit_write(ino, slices, end, d.mtime, inline, durable=durable)
+            seq = await ws.meta.commit_write(ino, slices, end, d.mtime, inline, durable=durable, closing=closing)
         except BaseException:
             for key in keys:
                 self.blockio.pinned.pop(key, None)
@@ -795,12 +821,21 @@ class VFS:
             await self._sync_file(h)
 
     async def _sync_file(self, h: FileHandle) -> None:
+        """Make what `h` wrote durable (close, fsync), reporting it as one fs.file.written."""
         ws = h.ws
         d = ws.dirty.get(h.ino)
-        if d is not None and not d.empty:
-            await self._commit(ws, h.ino, d, durable=True)
-        else:
+        report, h.unreported = h.unreported, False
+        if h.actor is not None:
+            actor.ACTOR.set(h.actor)
+        try:
+            if d is not None and not d.empty and await self._commit(ws, h.ino, d, durable=True, closing=report):
+                return
+            if report:
+                await ws.meta.written(h.ino)
             await ws.meta.sync()
+        except BaseException:
+            h.unreported = h.unreported or report
+            raise
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.files.get(fh)
@@ -816,8 +851,8 @@ class VFS:
         err: FsError | None = None
         try:
             d = ws.dirty.get(ino)
-            if d is not None and not d.empty:
-                await self._commit(ws, ino, d, durable=True)
+            if d is not None and not d.empty or h.unreported:
+                await self._sync_file(h)
         except FsError as e:
             err = e
         n = ws.opens.get(ino, 1) - 1

@@ -1,0 +1,1 @@
+"""Change events derived from the journal and their delivery to webhooks."""
