@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import xxhash
 
 from agentmount import webhooks
+from agentmount.config import WebhookConfig
 from agentmount.events.derive import EVENT_TYPES
 from agentmount.events.policy import UrlRefused, check_url
 from backend.store import NotFound, ObjectStore
@@ -31,17 +32,12 @@ class InvalidSubscription(ValueError):
 
 
 @dataclass
-class Subscription:
-    """One webhook endpoint of one workspace. `events` None: every type; `path`: an fnmatch glob
-    on the event's path (or old path) relative to the workspace, e.g. `/reports/*`."""
+class Subscription(WebhookConfig):
+    """One webhook endpoint of one workspace: a `[[webhook]]` with its id and delivery state.
+    `events` None: every type; `path`: an fnmatch glob on the event's path (or old path)
+    relative to the workspace, e.g. `/reports/*`."""
 
-    id: str
-    workspace: str
-    url: str
-    secret: str
-    events: list[str] | None = None
-    path: str | None = None
-    allow_private: bool = False
+    id: str = ""
     source: str = "api"
     created: float = field(default_factory=time.time)
     start_seq: int = 0             # events of records after this seq are delivered
