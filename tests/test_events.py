@@ -376,3 +376,26 @@ def test_hanging_or_huge_receivers_stall_neither_files_nor_others(tmp_path):
     finally:
         for r in rs.values():
             r.stop()
+
+
+def test_lock_events(tmp_path, receiver):
+    import fcntl
+    m = Mount(tmp_path, extra=_conf(receiver.url, events=["fs.lock.acquired", "fs.lock.released"])).mount()
+    try:
+        (m.ws / "lockfile").write_text("")
+        with open(m.ws / "lockfile") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            fcntl.flock(f, fcntl.LOCK_UN)
+        with open(m.ws / "lockfile", "r+") as f:
+            fcntl.lockf(f, fcntl.LOCK_EX)       # released by the close
+        receiver.wait_for(lambda r: len(r) >= 4, 20, "lock events")
+        got = sorted(receiver.deliveries(), key=lambda d: d["payload"]["data"]["seq"])
+        kinds = [(d["payload"]["type"], d["payload"]["data"]["path"], d["payload"]["data"].get("lock", {}).get("kind"))
+                 for d in got]
+        assert kinds == [("fs.lock.acquired", "/lockfile", "flock"), ("fs.lock.released", "/lockfile", None),
+                         ("fs.lock.acquired", "/lockfile", "posix"), ("fs.lock.released", "/lockfile", None)], kinds
+        acq = got[0]["payload"]["data"]
+        assert acq["lock"]["type"] == "write" and acq["token"].count("-") == 1
+        assert acq["actor"]["pid"] == os.getpid() and acq["actor"]["peer"] == "test"
+    finally:
+        m.cleanup()

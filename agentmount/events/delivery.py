@@ -301,6 +301,8 @@ class Deliverer:
                             scope = trio.CancelScope()
                             self.workers[sid] = (w, scope)
                             n.start_soon(self._run_worker, w, scope)
+                    self.local.lock_events_wanted = any(
+                        s.events is None or any(t.startswith("fs.lock.") for t in s.events) for s in subs.values())
                     self.loaded = True
                 self._wake = trio.Event()
                 with trio.move_on_after(RESCAN_S):

@@ -89,7 +89,7 @@ class Annotator:
         elif op == "lock":
             node = st.inodes.get(rec["ino"])
             path = p.path(rec["ino"]) if node is not None else ""
-            extra = {k: rec[k] for k in ("lock", "owner", "token", "reason") if k in rec}
+            extra = {k: rec[k] for k in ("lock", "token") if k in rec}
             if node is not None:
                 ev.append(_item(rec["kind"], path, None, node, extra))
             else:

@@ -76,6 +76,8 @@ class LockLeader:
         self._since: dict[tuple, tuple[float, int]] = {}   # (ino, owner) -> (granted at, token counter)
         self._wait_since: dict[tuple, float] = {}          # waiting request -> queued at
         self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
+        # Hears every event too (what, inode, owner, details): journals it for webhooks.
+        self.on_event: Callable[[str, Any, tuple, dict], None] | None = None
 
     async def run(self) -> None:
         """End the grace period in time; expire sessions of silent peers; until cancelled."""
@@ -183,6 +185,8 @@ class LockLeader:
         ev = {"event": f"fs.lock.{what}", "ws": self.ws, "ino": ino, "peer": owner[0], "owner": owner[1],
               "time": time.time(), **extra}
         self.events.append(ev)
+        if self.on_event is not None:
+            self.on_event(what, ino, owner, extra)
         log.info("event=lock_%s ws=%s ino=%s peer=%s owner=%s%s", what, self.ws, ino, owner[0], owner[1],
                  "".join(f" {k}={v}" for k, v in extra.items()))
 

@@ -230,6 +230,7 @@ class PeeredNamespace(NamespaceService):
             locks = LockLeader(self.me, self.ws, self.lock_ttl,
                                lambda peer, w, err: self._notify_grant(n, peer, lead.epoch, w, err),
                                self._heard_from, epoch=lead.epoch, expected=expected)
+            locks.on_event = lambda what, ino, owner, details: local.lock_event(what, ino, owner[0], details)
             n.start_soon(local.run)
             try:
                 local._commit({"op": "epoch", "gap": self.multi})

@@ -200,6 +200,7 @@ class LocalNamespace(NamespaceService):
         self.recent: list[dict] = []
         self.recent_from = state.seq + 1
         self.event_hold: Callable[[], int | None] | None = None
+        self.lock_events_wanted = False   # some subscription wants fs.lock.* (set by delivery)
         self.strict_inodes = False   # with peers: a write to an unknown inode is an error
         self.on_gc: Callable[[str], object] | None = None
         # Awaited before a snapshot: returns the inline-committed blocks (key -> bytes) not yet
@@ -502,6 +503,25 @@ class LocalNamespace(NamespaceService):
         return self._commit({"op": "compact", "ino": ino, "chunk": chunk, "n": len(old),
                              "digest": chunk_digest(old), "new": [s.to_tuple() for s in new],
                              "drop": [s.to_tuple() for s in drop]})
+
+    def lock_event(self, what: str, ino: int, peer: str, details: dict) -> None:
+        """Journal a lock event (acquired, released, revoked) for webhook subscribers that want
+        them: a record that changes nothing, so delivery is at least once like other events."""
+        if not self.lock_events_wanted or ino not in self.state.inodes:
+            return
+        rec = {"op": "lock", "ino": ino, "kind": f"fs.lock.{what}"}
+        if "kind" in details:
+            rec["lock"] = {"kind": details["kind"], "type": details.get("type")}
+        if "token" in details:
+            rec["token"] = details["token"]
+        saved = self.current_rid, self.current_actor
+        self.current_rid, self.current_actor = None, [peer, None, details.get("pid")]
+        try:
+            self._commit(rec)
+        except (Deposed, FsError):
+            pass          # no longer the leader: the lock table goes with the leadership
+        finally:
+            self.current_rid, self.current_actor = saved
 
     async def free(self, ino: int) -> None:
         node = self.state.inodes.get(ino)
