@@ -16,8 +16,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from typing import IO, Callable
+
+from tests.helpers import wait_for
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 _POLL = 0.02
@@ -69,20 +70,18 @@ class Receiver:
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self.stop()
-                raise RuntimeError(f"webhook receiver exited with {code}:\n{self._stderr_text()}")
-            if self._ready():
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"webhook receiver not ready after {timeout}s:\n{self._stderr_text()}"
-                )
-            time.sleep(_POLL)
+        proc = self._proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"webhook receiver exited with {proc.returncode}:\n{self._stderr_text()}")
+            return self._ready()
+        try:
+            wait_for(up, timeout, _POLL, "the webhook receiver to listen", describe=self._stderr_text)
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def _ready(self) -> bool:
         if not self.port:
@@ -138,18 +137,17 @@ class Receiver:
         self, pred: Callable[[list[dict]], bool], timeout: float, what: str = ""
     ) -> list[dict]:
         """Poll requests() until pred(requests) holds; return them. AssertionError on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            reqs = self.requests()
-            if pred(reqs):
-                return reqs
-            if time.monotonic() > deadline:
-                statuses = [r.get("status") for r in reqs]
-                raise AssertionError(
-                    f"timed out after {timeout}s waiting for {what or 'predicate'}: "
-                    f"{len(reqs)} requests arrived (statuses {statuses[-20:]})"
-                )
-            time.sleep(_POLL)
+        seen: list[list[dict]] = [[]]
+
+        def holds() -> bool:
+            seen[0] = self.requests()
+            return pred(seen[0])
+
+        def describe() -> str:
+            return (f"{len(seen[0])} requests arrived "
+                    f"(statuses {[r.get('status') for r in seen[0]][-20:]})")
+        wait_for(holds, timeout, _POLL, what or "predicate", describe=describe)
+        return seen[0]
 
     def stop(self) -> None:
         """SIGTERM, wait up to 5 s, then SIGKILL. Idempotent."""

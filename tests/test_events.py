@@ -1,6 +1,7 @@
 """Change events and webhooks, end to end: a real mount, a real HTTP receiver process."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 
 from agentmount import webhooks
-from tests.helpers import Mount
+from tests.helpers import Mount, wait_for
 from tests.receiver import Receiver
 
 SECRET = webhooks.generate_secret()
@@ -69,7 +70,7 @@ def test_each_operation_yields_its_events(tmp_path, receiver):
             ("fs.entry.deleted", "/d/b.txt", None, False),
             ("fs.entry.deleted", "/d", None, True),
         ]
-        receiver.wait_for(lambda r: len(r) >= len(expected), 20, "the events of 11 operations")
+        receiver.wait_for(lambda r: len(r) >= len(expected), 20, what="the events of 11 operations")
         got = receiver.deliveries()
         assert _summary(got) == expected
         # Delivered in seq order (one request at a time by default), each signed and unique.
@@ -93,7 +94,7 @@ def test_each_operation_yields_its_events(tmp_path, receiver):
         (w / "s2").write_text("x")            # created + written
         with open(w / "s2", "w") as f:      # O_TRUNC open of an existing file
             f.write("abc")
-        receiver.wait_for(lambda r: len(r) >= n + 3, 20, "events of a rewrite")
+        receiver.wait_for(lambda r: len(r) >= n + 3, 20, what="events of a rewrite")
         tail = _summary(receiver.deliveries())[n:]
         assert tail == [("fs.entry.created", "/s2", None, False), ("fs.file.written", "/s2", None, False),
                         ("fs.file.written", "/s2", None, False)]
@@ -120,7 +121,7 @@ def test_concurrent_writers_one_event_per_file_and_latency(tmp_path, receiver):
             t.start()
         for t in threads:
             t.join()
-        receiver.wait_for(lambda r: len(r) >= 1000, 60, "1000 fs.file.written events")
+        receiver.wait_for(lambda r: len(r) >= 1000, 60, what="1000 fs.file.written events")
         got = receiver.deliveries()
         assert len(got) == 1000
         assert {d["payload"]["type"] for d in got} == {"fs.file.written"}
@@ -167,16 +168,15 @@ def test_retries_follow_the_schedule_through_an_outage(tmp_path, receiver):
     receiver.set_mode("refuse")
     m = Mount(tmp_path, extra=_conf(receiver.url, events=["fs.file.written"], schedule=schedule)).mount()
     try:
-        t0 = time.time()
         for i in range(5):
             (m.ws / f"f{i}").write_bytes(b"x")
-        while time.time() < t0 + 4:         # refused connections for a while ...
-            assert not receiver.requests()
-            time.sleep(0.1)
+        # Refused connections for a while (the daemon counts its failed attempts) ...
+        wait_for(lambda: _live(m).get("failed_attempts", 0) >= 4, 30, what="four refused attempts")
+        assert not receiver.requests()
         receiver.set_mode("500")            # ... then errors ...
-        receiver.wait_for(lambda r: len(r) >= 3, 20, "three failed attempts")
+        receiver.wait_for(lambda r: len(r) >= 3, 20, what="three failed attempts")
         receiver.set_mode("ok")             # ... then it recovers
-        receiver.wait_for(lambda r: len({x["payload"]["data"]["path"] for x in _ok(r)}) >= 5, 30, "all 5 events")
+        receiver.wait_for(lambda r: len({x["payload"]["data"]["path"] for x in _ok(r)}) >= 5, 30, what="all 5 events")
         reqs = receiver.requests()
         first_id = reqs[0]["headers"]["webhook-id"]
         tries = [r["t"] for r in reqs if r["headers"]["webhook-id"] == first_id]
@@ -192,8 +192,17 @@ def test_retries_follow_the_schedule_through_an_outage(tmp_path, receiver):
         m.cleanup()
 
 
+def _subs(m: Mount) -> list[dict]:
+    return json.loads(m.cli("webhook", "list", "default", "--json").stdout)
+
+
+def _live(m: Mount) -> dict:
+    """The running deliverer's figures for the (only) subscription."""
+    subs = _subs(m)
+    return subs[0].get("delivery") or {} if subs else {}
+
+
 def _ok(reqs: list[dict]) -> list[dict]:
-    import json
     out = []
     for r in reqs:
         if r["status"] == 200:
@@ -221,14 +230,13 @@ def test_webhook_cli_add_list_test_remove_and_tail(tmp_path, receiver):
         os.mkdir(m.ws / "in")
         (m.ws / "elsewhere").write_text("x")
         (m.ws / "in" / "job1").write_text("x")
-        receiver.wait_for(lambda r: len(r) >= 1, 20, "the created event of /in/job1")
+        receiver.wait_for(lambda r: len(r) >= 1, 20, what="the created event of /in/job1")
         got = receiver.deliveries()
         assert [(d["payload"]["type"], d["payload"]["data"]["path"]) for d in got] == [("fs.entry.created", "/in/job1")]
         t = m.cli("webhook", "test", "default", sid)
         assert t.returncode == 0 and "delivered: status 200" in t.stdout, t.stdout + t.stderr
         assert receiver.deliveries()[-1]["payload"]["type"] == "webhook.test"
         tail = m.cli("events", "tail", "default", "--since", "0", "-n", "100")
-        import json
         evs = [json.loads(line) for line in tail.stdout.splitlines()]
         assert [e["data"]["path"] for e in evs if e["type"] == "fs.entry.created"] == ["/in", "/elsewhere", "/in/job1"]
         assert [e["data"]["seq"] for e in evs] == sorted(e["data"]["seq"] for e in evs)
@@ -248,27 +256,17 @@ def test_dead_letters_are_replayed_and_410_disables(tmp_path, receiver):
     try:
         (m.ws / "a").write_text("1")
         (m.ws / "b").write_text("2")
-        receiver.wait_for(lambda r: len({x["headers"]["webhook-id"] for x in r}) >= 2, 20, "attempts of both events")
-        listed = m.cli("webhook", "list", "default", "--json")
-        import json
-        deadline = time.time() + 20
-        while True:
-            sub = json.loads(m.cli("webhook", "list", "default", "--json").stdout)[0]
-            if sub["dead_letters"] == 2 or time.time() > deadline:
-                break
-            time.sleep(0.1)
-        assert sub["dead_letters"] == 2, listed.stdout
+        receiver.wait_for(lambda r: len({x["headers"]["webhook-id"] for x in r}) >= 2, 20, what="attempts of both events")
+        sub = wait_for(lambda: (x := _subs(m)[0])["dead_letters"] == 2 and x, 20, what="two dead letters",
+                       describe=lambda: _subs(m))
         receiver.set_mode("ok")
         r = m.cli("webhook", "replay", "default", sub["id"])
         assert r.returncode == 0 and "2 delivered" in r.stdout, r.stdout + r.stderr
         assert {d["payload"]["data"]["path"] for d in receiver.deliveries()} == {"/a", "/b"}
-        assert json.loads(m.cli("webhook", "list", "default", "--json").stdout)[0]["dead_letters"] == 0
+        assert _subs(m)[0]["dead_letters"] == 0
         receiver.set_mode("410")
         (m.ws / "c").write_text("3")
-        deadline = time.time() + 20
-        while not json.loads(m.cli("webhook", "list", "default", "--json").stdout)[0].get("disabled"):
-            assert time.time() < deadline, "410 did not disable the webhook"
-            time.sleep(0.1)
+        wait_for(lambda: _subs(m)[0].get("disabled"), 20, what="410 to disable the webhook")
         n = len(receiver.requests())
         (m.ws / "d").write_text("4")
         m.cli("events", "tail", "default")          # a round trip through the daemon
@@ -319,14 +317,11 @@ def test_leader_sigkill_mid_stream_new_leader_resumes(tmp_path, receiver):
         t = threading.Thread(target=write)
         t.start()
         try:
-            receiver.wait_for(lambda r: len(r) >= 30, 60, "events before the kill")
+            receiver.wait_for(lambda r: len(r) >= 30, 60, what="events before the kill")
             c[leader].kill()
             c.wait_leader(not_name=leader, min_epoch=epoch, timeout=60)
             n = len(closed)
-            wait_for_closes = time.monotonic() + 60
-            while len(closed) < n + 20 and time.monotonic() < wait_for_closes:
-                time.sleep(0.05)
-            assert len(closed) >= n + 20, "no writes after the failover"
+            wait_for(lambda: len(closed) >= n + 20, 60, what="20 acknowledged closes after the failover")
         finally:
             stop.set()
             t.join(120)
@@ -345,7 +340,6 @@ def test_leader_sigkill_mid_stream_new_leader_resumes(tmp_path, receiver):
 
 
 def json_path(req: dict) -> str:
-    import json
     return json.loads(req["body"])["data"]["path"]
 
 
@@ -364,7 +358,7 @@ def test_hanging_or_huge_receivers_stall_neither_files_nor_others(tmp_path):
                 (m.ws / f"f{i}").write_bytes(b"x")
                 slowest = max(slowest, time.monotonic() - t0)
             assert slowest < 1.0, f"a close took {slowest:.2f} s"
-            rs["ok"].wait_for(lambda r: len(r) >= 50, 15, "the healthy receiver's 50 events")
+            rs["ok"].wait_for(lambda r: len(r) >= 50, 15, what="the healthy receiver's 50 events")
             rs["huge"].wait_for(lambda r: len({x["headers"]["webhook-id"] for x in r}) >= 50, 30,
                                 "the huge-answer receiver's 50 events")
             assert len(rs["hang"].requests()) <= 5     # one attempt per timeout, no pile-up
@@ -388,7 +382,7 @@ def test_lock_events(tmp_path, receiver):
             fcntl.flock(f, fcntl.LOCK_UN)
         with open(m.ws / "lockfile", "r+") as f:
             fcntl.lockf(f, fcntl.LOCK_EX)       # released by the close
-        receiver.wait_for(lambda r: len(r) >= 4, 20, "lock events")
+        receiver.wait_for(lambda r: len(r) >= 4, 20, what="lock events")
         got = sorted(receiver.deliveries(), key=lambda d: d["payload"]["data"]["seq"])
         kinds = [(d["payload"]["type"], d["payload"]["data"]["path"], d["payload"]["data"].get("lock", {}).get("kind"))
                  for d in got]

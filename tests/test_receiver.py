@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from tests.helpers import wait_for
 from tests.receiver import Receiver
 from tests.webhook_receiver import HUGE_SIZE
 
@@ -32,11 +33,7 @@ def _post(url: str, payload: object, timeout: float = 5, headers: dict[str, str]
 
 
 def _until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    wait_for(cond, timeout, what=what)
 
 
 def _refused(port: int) -> bool:

@@ -38,7 +38,7 @@ from agentmount.meta import journal as jr
 from agentmount.meta import workspaces as wsreg
 from agentmount.meta.leader import LeaderRole, attr_list
 from agentmount.meta.service import LocalNamespace, NamespaceService
-from agentmount.meta.state import ROOT_INO, Inode
+from agentmount.meta.state import Inode
 from agentmount.peer.lease import Leadership, NotLeader
 from agentmount.peer.node import PeerNode
 from agentmount.peer.rpc import PeerError, PeerUnavailable, RemoteError
@@ -428,9 +428,9 @@ class PeeredNamespace(NamespaceService):
         local = self.local
         if local is None:
             return listing
-        names = paths_of(local.state, {e["ino"] for e in listing["held"] + listing["waiting"]})
+        paths = local.annotator.paths        # kept current by every record the leader applies
         for e in listing["held"] + listing["waiting"]:
-            e["path"] = names.get(e["ino"])
+            e["path"] = paths.path(e["ino"]) or None
         return listing
 
     def _may_hold_locks(self) -> set[str]:
@@ -972,31 +972,6 @@ class PeeredNamespace(NamespaceService):
             await role.release(self.me, ino)
             return
         await self.closed(ino)
-
-
-def paths_of(state, inos: set[int]) -> dict[int, str]:
-    """Paths (relative to the workspace root) of `inos`, one per inode (hard links: any)."""
-    names: dict[int, tuple[int, bytes]] = {}
-    for parent, entries in state.dirs.items():
-        for name, ino in entries.items():
-            if ino in inos and ino not in names:
-                names[ino] = (parent, name)
-    out = {}
-    for ino, (parent, name) in names.items():
-        parts = [name]
-        cur = parent
-        for _ in range(4096):
-            if cur == ROOT_INO:
-                break
-            node = state.inodes.get(cur)
-            up = state.dirs.get(node.parent, {}) if node is not None else {}
-            nm = next((n for n, i in up.items() if i == cur), None)
-            if nm is None:
-                break
-            parts.append(nm)
-            cur = node.parent
-        out[ino] = "/" + "/".join(p.decode(errors="replace") for p in reversed(parts))
-    return out
 
 
 def leads_info(namespaces: dict[str, PeeredNamespace], sender: str) -> dict:
