@@ -5,7 +5,8 @@ Run from the repo root: `python -m tests.webhook_receiver --state-dir DIR [--por
 It listens on 127.0.0.1 (port 0 unless `--port` is given) and writes the chosen port to
 `DIR/port` (atomically) once listening. Every POST is logged as one JSON line appended to
 `DIR/requests.jsonl`: `{"t", "path", "headers", "body", "status"}` where `status` is what it
-answered, or null when it hung or refused. How it answers is read from `DIR/mode` at each
+answered (logged just before the answer goes out, so a client holding its answer finds
+the request logged), or null when it hung or refused. How it answers is read from `DIR/mode` at each
 request (missing file means "ok"):
 
     ok        200 "ok"
@@ -103,7 +104,16 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length > 0 else b""
 
+    def _log(self, status: int | None) -> None:
+        """Log the current request once, before its answer goes out: a client that has its
+        answer always finds the request in the log."""
+        entry, self._entry = getattr(self, "_entry", None), None
+        if entry is not None:
+            entry["status"] = status
+            self.server.log.append(entry)
+
     def _respond(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self._log(status)
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
@@ -134,11 +144,12 @@ class Handler(BaseHTTPRequestHandler):
             self._respond(200, b"ok")
             return 200
         if mode == "hang":
-            self.server.log.append(entry)  # log now: this request is never answered
+            self._log(None)  # log now: this request is never answered
             self.server.closing.wait()
             self.close_connection = True
             return None
         if mode == "huge":
+            self._log(200)
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(HUGE_SIZE))
@@ -165,16 +176,13 @@ class Handler(BaseHTTPRequestHandler):
             "body": body.decode("utf-8", errors="replace"),
             "status": None,
         }
-        status: int | None = None
+        self._entry = entry
         try:
-            status = self._answer(mode, entry)
+            self._answer(mode, entry)
         except OSError:
             self.close_connection = True  # the client went away mid-answer
-            status = None
         finally:
-            if mode != "hang":
-                entry["status"] = status
-                self.server.log.append(entry)
+            self._log(None)               # not answered (stopped, refused): logged with no status
 
 
 def _headers(handler: BaseHTTPRequestHandler) -> dict[str, str]:
