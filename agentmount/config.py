@@ -106,6 +106,20 @@ class EventsConfig:
 
 
 @dataclass
+class ApiConfig:
+    """`[api]`: the HTTP control API (off unless `listen` is set)."""
+
+    listen: str | None = None
+    token: str | None = None
+    token_file: str | None = None   # when `token` is not given: <data_dir>/api.token by default
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when the API is off."""
+        return split_host_port(self.listen) if self.listen else None
+
+
+@dataclass
 class LogConfig:
     level: str = "warning"
     file: str | None = None
@@ -123,6 +137,7 @@ class Config:
     lease: LeaseSettings = field(default_factory=LeaseSettings)
     webhooks: list[WebhookConfig] = field(default_factory=list)
     events: EventsConfig = field(default_factory=EventsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     write_quorum: int = 1
     hedge_ms: int = 50
     health_interval_s: float = 1.0
@@ -191,14 +206,27 @@ _EVENTS = {"retry_schedule_s": lambda v: isinstance(v, list) and 0 < len(v) <= 6
            "max_in_flight": lambda v: _positive_int(v) and v <= 256,
            "max_backlog": lambda v: _positive_int(v) and v >= 100,
            "allow_private": lambda v: isinstance(v, bool)}
-_TOP = {"node", "peer", "lease", "store", "replication", "cache", "fs", "log", "workspace", "webhook", "events"}
+_API = {"listen": lambda v: isinstance(v, str),
+        "token": lambda v: isinstance(v, str) and len(v) >= 16 and not any(c.isspace() for c in v),
+        "token_file": _str}
+_TOP = {"node", "peer", "lease", "store", "replication", "cache", "fs", "log", "workspace", "webhook", "events",
+        "api"}
 _HINT = {
     "block_size_kb": "a power of two between 64 and 16384",
     "chunk_size_mb": "a power of two between 1 and 1024",
     "kind": '"local" or "s3"',
     "level": '"debug", "info", "warning" or "error"',
     "name": "letters, digits, '.', '_' or '-' (at most 64, not starting with '.', '_' or '-')",
+    "token": "at least 16 characters, no whitespace",
 }
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[v6]:PORT` for IPv6) as (host, port); ValueError when it is not one."""
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})", value)
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise ValueError(f"not HOST:PORT: {value!r}")
+    return m.group(1).strip("[]"), int(m.group(2))
 
 
 def _check_table(where: str, table: Any, spec: dict, required: tuple[str, ...] = ()) -> dict:
@@ -307,10 +335,29 @@ def parse(text: str, path: str | None = None) -> Config:
         workspaces.append(t["name"])
     events = EventsConfig(**_check_table("events", raw.get("events", {}), _EVENTS))
     webhooks = _parse_webhooks(raw.get("webhook", []), events)
+    api = _parse_api(raw.get("api", {}), node)
     return Config(node=node, stores=stores, cache=cache, fs=fs, log=log, workspaces=workspaces, peers=peers,
-                  lease=lease, write_quorum=wq, webhooks=webhooks, events=events,
+                  lease=lease, write_quorum=wq, webhooks=webhooks, events=events, api=api,
                   hedge_ms=repl.get("hedge_ms", 50), health_interval_s=float(repl.get("health_interval_s", 1.0)),
                   path=path)
+
+
+def _parse_api(raw: Any, node: NodeConfig) -> ApiConfig:
+    t = _check_table("api", raw, _API)
+    listen = t.get("listen") or None
+    if listen is not None:
+        try:
+            split_host_port(listen)
+        except ValueError:
+            raise ConfigError(f"api.listen: invalid value {listen!r} (expected HOST:PORT, e.g. \"127.0.0.1:7080\"; "
+                              "\"\" turns the API off)") from None
+    if "token" in t and "token_file" in t:
+        raise ConfigError("api.token_file: give either api.token or api.token_file, not both")
+    token_file = None
+    if "token" not in t:
+        token_file = os.path.abspath(os.path.expanduser(t.get("token_file") or os.path.join(node.data_dir,
+                                                                                             "api.token")))
+    return ApiConfig(listen=listen, token=t.get("token"), token_file=token_file)
 
 
 def _parse_webhooks(raw: Any, events: EventsConfig) -> list[WebhookConfig]:

@@ -1,7 +1,8 @@
 """The control socket of a running peer: `<data_dir>/control.sock`, JSON lines.
 
 The daemon answers `status`, `locks`, `sweep`, `workspace.list/create/delete`, `webhook.*`
-and `events.tail`; the CLI uses it
+and `events.tail` (the last two through `agentmount.events.service`, as the HTTP API does);
+the CLI uses it
 when a peer is running on that data dir and falls back to the store when not.
 Only the socket's owner can connect (mode 0600).
 """
@@ -14,7 +15,7 @@ import socket
 
 import trio
 
-from agentmount.errors import FsError
+from agentmount.errors import FsError, NotFound
 
 log = logging.getLogger("agentmount.control")
 
@@ -62,6 +63,8 @@ async def serve(path: str, vfs, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 resp = {"ok": True, "result": result}
             except FsError as e:
                 resp = {"ok": False, "error": os.strerror(e.errno), "errno": e.errno}
+            except NotFound as e:            # no such workspace or webhook
+                resp = {"ok": False, "error": str(e), "errno": 2}
             except ValueError as e:          # an invalid webhook and the like: the message says what
                 resp = {"ok": False, "error": str(e), "errno": 22}
             await stream.send_all(json.dumps(resp).encode() + b"\n")
@@ -106,41 +109,25 @@ async def _dispatch(vfs, req: dict):
 
 
 async def _events(vfs, cmd: str, req: dict):
-    from agentmount.events import admin
+    from agentmount.events import service
     name = req.get("workspace")
-    ws = vfs.workspaces.get(name) if name else None
-    d = ws.deliverer if ws is not None else None
-    store = vfs.store
     if cmd == "webhook.list":
-        names = [name] if name else sorted(vfs.workspaces)
-        out = []
-        for n in names:
-            w = vfs.workspaces.get(n)
-            out += await admin.list_subs(store, n, admin.live_status(w.deliverer if w else None))
-        return out
-    if ws is None:
-        raise FsError(2, f"no workspace {name!r}")
+        return await service.list_webhooks(vfs, name)
+    if cmd == "webhook.get":
+        return await service.get_webhook(vfs, name, req["id"])
     if cmd == "webhook.add":
-        allow = bool(req.get("allow_private")) or vfs.cfg.events.allow_private
-        start = d.local.journal.last_seq if d is not None else -1
-        out = await admin.add(store, name, req["url"], req.get("secret"), req.get("events"), req.get("path"),
-                              allow, start)
-    elif cmd == "webhook.remove":
-        out = await admin.remove(store, name, req["id"])
-        if not out:
-            raise FsError(2, f"no webhook {req['id']!r} in workspace {name!r}")
-    elif cmd == "webhook.test":
-        return await admin.test(store, name, req["id"], vfs.cfg.events.timeout_s)
-    elif cmd == "webhook.replay":
-        return await admin.replay(store, name, req["id"], vfs.cfg.events.timeout_s)
-    elif cmd == "events.tail":
-        return await admin.tail(store, name, req.get("after"), int(req.get("limit", 20)),
-                                d.feed if d is not None else None)
-    else:
-        raise FsError(22, f"unknown command {cmd!r}")
-    if d is not None:
-        d.wake()
-    return out
+        return await service.add_webhook(vfs, name, req["url"], req.get("secret"), req.get("events"),
+                                         req.get("path"), bool(req.get("allow_private")))
+    if cmd == "webhook.remove":
+        await service.remove_webhook(vfs, name, req["id"])
+        return True
+    if cmd == "webhook.test":
+        return await service.test_webhook(vfs, name, req["id"])
+    if cmd == "webhook.replay":
+        return await service.replay_webhook(vfs, name, req["id"])
+    if cmd == "events.tail":
+        return await service.tail_events(vfs, name, req.get("after"), int(req.get("limit", 20)))
+    raise FsError(22, f"unknown command {cmd!r}")
 
 
 def request(data_dir: str, req: dict, timeout: float = 120.0) -> dict | None:

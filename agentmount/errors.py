@@ -24,6 +24,11 @@ class ConfigError(Exception):
     """The configuration is invalid; the message names the key."""
 
 
+class NotFound(ValueError):
+    """No such workspace or webhook (the message says which). A ValueError, so whatever reports
+    an invalid request (the CLI, the control socket) reports this too; the HTTP API answers 404."""
+
+
 class MountError(Exception):
     """The filesystem cannot be mounted; the message is the one-line reason."""
 

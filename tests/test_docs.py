@@ -9,7 +9,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_every_config_key_is_documented():
     readme = (REPO / "README.md").read_text()
     for section, spec in [("node", config._NODE), ("cache", config._CACHE), ("fs", config._FS),
-                          ("log", config._LOG), ("replication", config._REPL), ("events", config._EVENTS)]:
+                          ("log", config._LOG), ("replication", config._REPL), ("events", config._EVENTS),
+                          ("api", config._API)]:
         for key in spec:
             assert f"`[{section}] {key}" in readme or f", {key}`" in readme or f"`{key}`" in readme, \
                 f"{section}.{key} is not documented in README.md"
@@ -17,6 +18,8 @@ def test_every_config_key_is_documented():
         assert f"`[[store]] {key}`" in readme
     for key in config._WEBHOOK:
         assert f"`[[webhook]] {key}`" in readme, f"webhook.{key} is not documented in README.md"
+    for key in config._API:
+        assert f"`[api] {key}`" in readme, f"api.{key} is not documented in README.md"
 
 
 def test_example_config_is_valid():

@@ -39,7 +39,8 @@ from typing import Callable
 
 import pytest
 
-from tests.peers import SHORT_LEASE, Peer, PeerCluster, clusters, report, wait_until, write_file
+from tests.peers import WS, SHORT_LEASE, Peer, PeerCluster, clusters, report, wait_until, write_file
+from tests.receiver import Receiver
 
 FSTATS = "user.agentmount.fuse"
 LOCK_TTL_S = 4.0
@@ -709,13 +710,25 @@ def test_uncontended_flock_cycles_per_second(cluster, shared_file):
 
 # -- SIGKILL of the holder's peer (last: it kills and remounts a peer) ---------------------
 
-def test_sigkill_of_holder_peer_releases_after_lock_ttl(cluster, shared_file, children):
+def test_sigkill_of_holder_peer_releases_after_lock_ttl(cluster, shared_file, children, tmp_path):
     """A process on follower A holds flock LOCK_EX and a write lock [0,10); a flock waiter
     blocks on follower B and an F_SETLKW waiter on the leader. SIGKILL of A's daemon: both are
     granted lock_ttl_s (4 s) after the kill, never before (>= ttl - 0.5 s: the leader counts
     from the last ping A answered, sent at most 0.5 s before the kill), and within ttl + 10 s.
+    A webhook subscribed to lock events gets fs.lock.revoked for A's two locks.
     A is mounted again afterwards."""
     leader, a, b = roles(cluster)
+    rx = Receiver(tmp_path / "receiver").start()
+    r = leader.cli("webhook", "add", WS, rx.url, "--allow-private", "--event", "fs.lock.acquired",
+                   "--event", "fs.lock.revoked")
+    assert r.returncode == 0, r.stderr
+    sid = r.stdout.split()[1]
+
+    def delivering() -> bool:
+        subs = json.loads(leader.cli("webhook", "list", WS, "--json").stdout)
+        return any(s["id"] == sid and s.get("delivery") for s in subs)
+
+    wait_until(delivering, 20, f"the leader {leader.name} delivering to the new subscription")
     holder, flocker, posixer = holder_and_two_waiters(children, leader, a, b)
     try:
         t_kill = a.kill()
@@ -729,8 +742,24 @@ def test_sigkill_of_holder_peer_releases_after_lock_ttl(cluster, shared_file, ch
             assert t - t_kill <= LOCK_TTL_S + 10, \
                 f"{what} waiter granted only {t - t_kill:.2f} s after {a.name}'s daemon was killed"
         no_waiters(b, leader)
+
+        def revoked(reqs: list[dict]) -> list[dict]:
+            return [d["payload"]["data"] for d in reqs if d["payload"]["type"] == "fs.lock.revoked"]
+
+        def acquired(reqs: list[dict]) -> list[dict]:
+            return [d["payload"]["data"] for d in reqs if d["payload"]["type"] == "fs.lock.acquired"]
+
+        # One acquired event per lock owner when it first holds something on the file, one
+        # revoked per owner of A's when its session lapsed.
+        rx.wait_for(lambda _: revoked(rx.deliveries()) and {e["actor"]["peer"] for e in acquired(rx.deliveries())}
+                    >= {a.name, b.name, leader.name}, 20, what="fs.lock.revoked for A's locks, then the grants")
+        got, acq = revoked(rx.deliveries()), acquired(rx.deliveries())
+        assert all(e["path"] == f"/{shared_file}" and e["actor"]["peer"] == a.name for e in got), got
+        assert len(got) == len([e for e in acq if e["actor"]["peer"] == a.name]), (got, acq)
     finally:
         holder.close()
+        leader.cli("webhook", "remove", WS, sid)
+        rx.stop()
         if a.pid is None:
             cluster.mount(a.name)
             cluster.wait_leader(timeout=30)

@@ -1,6 +1,6 @@
 """Run-time management of webhooks and event pulls, against the stores of a workspace.
 
-Used by the control socket of a running peer (which also wakes its deliverer) and by the
+Used through `events.service` by a running peer (control socket, HTTP API) and by the
 CLI directly when no peer runs on the data dir: subscriptions live in the stores, so a
 leader anywhere picks a change up within seconds either way.
 """
@@ -12,18 +12,20 @@ from typing import Any
 import trio
 
 from agentmount import webhooks
+from agentmount.errors import NotFound
 from agentmount.events.delivery import Sender
 from agentmount.events.derive import events_of, iso
 from agentmount.events.feed import Feed, Gap, store_records
 from agentmount.events.policy import UrlRefused, resolve_and_check
-from agentmount.events.subscriptions import InvalidSubscription, Registry, Subscription, new_id, validate
+from agentmount.events.subscriptions import (InvalidSubscription, Registry, Subscription, new_id, valid_id,
+                                             validate)
 from agentmount.meta import workspaces as wsreg
 from backend.store import ObjectStore
 
 
 async def _known(store: ObjectStore, ws: str) -> None:
     if ws not in await wsreg.list_workspaces(store):
-        raise InvalidSubscription(f"workspace {ws!r} does not exist")
+        raise NotFound(f"workspace {ws!r} does not exist")
 
 
 async def add(store: ObjectStore, ws: str, url: str, secret: str | None = None, events: list[str] | None = None,
@@ -44,27 +46,37 @@ async def add(store: ObjectStore, ws: str, url: str, secret: str | None = None, 
     return out
 
 
+async def _listed(reg: Registry, sub: Subscription, live: dict[str, dict] | None) -> dict:
+    """A subscription as listings show it: no secret; its cursor, dead letters, live figures."""
+    item = sub.public()
+    item["cursor"] = await reg.cursor(sub.id)
+    item["dead_letters"] = len(await reg.dead_letters(sub.id))
+    if live and sub.id in live:
+        item["delivery"] = live[sub.id]
+    return item
+
+
 async def list_subs(store: ObjectStore, ws: str, live: dict[str, dict] | None = None) -> list[dict]:
     reg = Registry(store, ws)
-    out = []
-    for sub in await reg.list():
-        item = sub.public()
-        item["cursor"] = await reg.cursor(sub.id)
-        item["dead_letters"] = len(await reg.dead_letters(sub.id))
-        if live and sub.id in live:
-            item["delivery"] = live[sub.id]
-        out.append(item)
-    return out
+    return [await _listed(reg, sub, live) for sub in await reg.list()]
+
+
+async def get(store: ObjectStore, ws: str, sid: str, live: dict[str, dict] | None = None) -> dict:
+    """One subscription as `list_subs` shows it; NotFound when there is none."""
+    reg = Registry(store, ws)
+    return await _listed(reg, await _sub(store, ws, sid), live)
 
 
 async def remove(store: ObjectStore, ws: str, sid: str) -> bool:
+    if not valid_id(sid):
+        return False
     return await Registry(store, ws).remove(sid)
 
 
 async def _sub(store: ObjectStore, ws: str, sid: str) -> Subscription:
-    sub = await Registry(store, ws).get(sid)
+    sub = await Registry(store, ws).get(sid) if valid_id(sid) else None
     if sub is None:
-        raise InvalidSubscription(f"no webhook {sid!r} in workspace {ws!r}")
+        raise NotFound(f"no webhook {sid!r} in workspace {ws!r}")
     return sub
 
 
@@ -105,21 +117,36 @@ async def replay(store: ObjectStore, ws: str, sid: str, timeout: float = 15.0) -
 
 
 async def tail(store: ObjectStore, ws: str, after: int | None, limit: int, feed: Feed | None = None) -> dict:
-    """Events after seq `after` (None: the last `limit`), and the seq to ask after next."""
+    """Events after seq `after` (None: the last `limit`), and the seq to ask after next.
+
+    A page after `after` holds whole records (every event of a record or none of them; a
+    record with more events than `limit` comes whole), so paging on `next` loses nothing.
+    `gap`: records that are no longer in the journal (their events are lost to this pull)."""
     await _known(store, ws)
     start = after if after is not None else 0
+    want = limit if after is not None else 100000     # records: each has at least one event
+
+    async def read(a: int) -> list[dict]:
+        return await (feed.records(a, want) if feed is not None else store_records(store, ws, a, want))
     try:
-        recs = await (feed.records(start, 100000) if feed is not None else store_records(store, ws, start, 100000))
+        recs = await read(start)
         gap = None
     except Gap as g:
         gap = {"first_seq": g.first, "last_seq": g.last}
-        recs = await (feed.records(g.last, 100000) if feed is not None else store_records(store, ws, g.last, 100000))
-    events: list[dict[str, Any]] = [e for r in recs for e in events_of(ws, r)]
+        start = g.last
+        recs = await read(start)
+    nxt = start
+    events: list[dict[str, Any]] = []
     if after is None:
-        events = events[-limit:]
+        events = [e for r in recs for e in events_of(ws, r)][-limit:]
+        nxt = recs[-1]["seq"] if recs else start
     else:
-        events = events[:limit]
-    nxt = events[-1]["data"]["seq"] if events else (recs[-1]["seq"] if recs and after is None else start)
+        for r in recs:
+            evs = events_of(ws, r)
+            if events and len(events) + len(evs) > limit:
+                break
+            events += evs
+            nxt = r["seq"]
     return {"events": events, "next": nxt, "gap": gap}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -97,6 +98,14 @@ def config_id(workspace: str, url: str, events: list[str] | None, path: str | No
 
 def new_id() -> str:
     return "wh_" + os.urandom(8).hex()
+
+
+_ID_RE = re.compile(r"wh_[0-9a-f]{16}")
+
+
+def valid_id(sid: object) -> bool:
+    """Whether `sid` has the form of a subscription id (anything else names none: never a store key)."""
+    return isinstance(sid, str) and _ID_RE.fullmatch(sid) is not None
 
 
 def _prefix(ws: str) -> str:
