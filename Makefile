@@ -7,7 +7,7 @@ TARGET ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: deps venv venv-test mount umount test bench bench-replicas clean
+.PHONY: deps venv venv-test mount umount test test-container bench bench-replicas install clean
 
 deps:
 	@PYTHON=$(PYTHON) ./scripts/ensure-deps.sh
@@ -42,6 +42,10 @@ umount: venv
 test: venv-test
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Build docker/Dockerfile and check it in real containers with podman (root; not part of `make test`).
+test-container:
+	@./docker/test-container.sh
+
 bench: venv
 	@$(BIN)/python bench/run.py $(if $(TARGET),--target $(TARGET),) $(BENCH_ARGS)
 
@@ -49,6 +53,10 @@ bench: venv
 # e.g. make bench-replicas BENCH_ARGS=--quick
 bench-replicas: venv-test
 	@$(BIN)/python bench/run.py --replicas $(BENCH_ARGS)
+
+# Host install (root): CLI in /usr/local/bin, /sbin/mount.fuse.agentmount, the systemd unit.
+install: venv
+	@./scripts/install.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis agentmount/fuse/_lowlevel*.so

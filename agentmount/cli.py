@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,6 +56,14 @@ def cmd_umount(args) -> int:
     r = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if r.returncode != 0:
         raise MountError(f"cannot unmount {mp}: {r.stderr.strip() or 'fusermount3 failed'}")
+    if pid is not None:
+        # The kernel's unmount ends the peer only when no other mount namespace still holds a
+        # copy of this mount (a container's bind of the mountpoint does); ask it to stop either
+        # way: it commits everything first, and the copies left behind get ENOTCONN.
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     if pid is not None and not procs.wait_exit(pid, args.timeout):
         raise MountError(f"the peer (pid {pid}) has not finished committing after {args.timeout:.0f}s")
     return 0

@@ -20,7 +20,7 @@ import sys
 
 import trio
 
-from agentmount import control, logs
+from agentmount import control, hostcheck, logs, sdnotify
 from agentmount.chunks.blockio import BlockIO
 from agentmount.chunks.cache import DiskCache, MemoryCache
 from agentmount.config import Config, StoreConfig
@@ -54,6 +54,10 @@ def _open_one(sc: StoreConfig, timeout: float) -> ObjectStore:
 def check_mountpoint(mp: str) -> None:
     try:
         os.stat(mp)
+        if os.path.ismount(mp):
+            # stat may be answered from the kernel's attribute cache; statfs always reaches
+            # the filesystem, so it finds a mount whose daemon is gone.
+            os.statvfs(mp)
     except FileNotFoundError:
         raise MountError(f"mountpoint {mp} does not exist") from None
     except OSError as e:
@@ -107,8 +111,8 @@ def lock_data_dir(data_dir: str) -> int:
 
 def preflight(cfg: Config, mp: str) -> None:
     check_mountpoint(mp)
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse is missing (load the fuse module or pass --device /dev/fuse)")
+    hostcheck.check_fuse_device()
+    hostcheck.check_mount_capability()
     for sc in cfg.stores:
         if sc.kind != "local":
             continue   # checked by the daemon before it serves (network calls)
@@ -270,21 +274,31 @@ async def _main(cfg: Config, mp: str, ready_fd: int | None) -> int:
         try:
             pyfuse3.init(ops, mp, mount_options(f"agentmount:{cfg.node.name}"))
         except RuntimeError as e:
-            raise MountError(f"cannot mount {mp}: {e}") from None
+            raise hostcheck.explain_mount_failure(mp, e) from None
         vfs.inval_inode = _inval_inode
         vfs.inval_entry = _inval_entry
         stopping = False
+        serving = True
         try:
             await nursery.start(control.serve, control.socket_path(cfg.node.data_dir), vfs)
+            if cfg.api.listen:       # the HTTP API; a bind failure is a MountError naming [api] listen
+                from agentmount import api
+                await nursery.start(api.serve, cfg, vfs)
 
             async def signals() -> None:
+                # Stays subscribed until the very end, so a second SIGTERM (systemd after
+                # ExecStop, `agentmount umount` after the kernel's unmount) cannot kill the
+                # peer while it commits.
                 nonlocal stopping
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                    async for _ in sigs:
+                    async for signum in sigs:
+                        if stopping or not serving:
+                            log.info("signal %d: already stopping", signum)
+                            continue
                         log.warning("signal received: committing and unmounting")
+                        sdnotify.notify("STOPPING=1", "STATUS=committing pending writes and unmounting")
                         stopping = True
                         pyfuse3.terminate()
-                        return
 
             async def announce() -> None:
                 await trio.to_thread.run_sync(_set_readahead, mp)
@@ -292,13 +306,17 @@ async def _main(cfg: Config, mp: str, ready_fd: int | None) -> int:
                 if ready_fd is not None:
                     os.write(ready_fd, b"OK\n")
                     os.close(ready_fd)
+                sdnotify.notify("READY=1", f"STATUS=serving {mp}", f"MAINPID={os.getpid()}")
                 log.warning("mounted %s (pid %d)", mp, os.getpid())
 
             nursery.start_soon(signals)
             nursery.start_soon(announce)
+            nursery.start_soon(sdnotify.watchdog)
             await pyfuse3.main(min_tasks=2, max_tasks=64)
         finally:
+            serving = False
             with trio.CancelScope(shield=True):
+                sdnotify.notify("STOPPING=1", "STATUS=committing pending writes and unmounting")
                 await vfs.shutdown()
                 vfs.inval_inode = vfs.inval_entry = None
                 pyfuse3.close(unmount=True)
