@@ -24,8 +24,12 @@ def _load(args) -> config_mod.Config:
 def cmd_mount(args) -> int:
     from agentmount import daemon
     cfg = _load(args)
-    if not os.path.isdir(args.mountpoint) and not os.path.exists(args.mountpoint):
-        raise MountError(f"mountpoint {args.mountpoint} does not exist")
+    try:
+        os.lstat(args.mountpoint)     # not stat: a dead mount there (ENOTCONN) is detached later
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {args.mountpoint} does not exist") from None
+    except OSError:
+        pass
     code = daemon.mount(cfg, args.mountpoint, args.foreground)
     if code == 0 and not args.foreground:
         print(f"agentmount: mounted {os.path.abspath(args.mountpoint)}")

@@ -45,7 +45,13 @@ def check_fuse_device(path: str = "/dev/fuse") -> None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as e:
-        if e.errno in (errno.EPERM, errno.EACCES, errno.ENXIO, errno.ENODEV):
+        if e.errno == errno.EACCES:
+            # The node is there but its mode keeps this user out (a host without the udev rule
+            # that makes it 0666 passes its mode on through --device).
+            mode = os.stat(path).st_mode & 0o777
+            raise MountError(f"{path} (mode {mode:o}) cannot be opened by uid {os.getuid()}: run the peer as "
+                             "root (--user root), or make /dev/fuse mode 666 on the host") from None
+        if e.errno in (errno.EPERM, errno.ENXIO, errno.ENODEV):
             raise MountError(f"{path} cannot be opened ({e.strerror}): {DEVICE_HINT}") from None
         raise MountError(f"{path}: {e.strerror}") from None
     os.close(fd)
