@@ -290,6 +290,9 @@ write_restart_read() {
   fi
   target=$(x "$c2" readlink /agents/default/link)
   [ "$target" = dir/sub/file.txt ] && pass "[$label] symlink kept" || fail "[$label] symlink: '$target'"
+  sum=$("${PODMAN[@]}" exec --user 20000:20000 "$c2" sha256sum /agents/default/big.bin 2>&1 | cut -c1-64)
+  [ "$sum" = "$big_sum" ] && pass "[$label] another uid (20000) reads the peer's mount (allow_other)" \
+    || fail "[$label] uid 20000 cannot read the peer's mount: $sum"
   stop_peer "$c2"
   if out=$("${PODMAN[@]}" run --rm "${LIMITS[@]}" -v "$state:/var/lib/agentmount" --entrypoint agentmount \
            "$IMAGE" fsck 2>&1); then

@@ -319,3 +319,15 @@ def test_install_script_puts_what_the_unit_and_mount_need_in_place(tmp_path):
     assert (dest / "etc/systemd/system/agentmount@.service").read_text() == \
         (REPO / "systemd" / "agentmount@.service").read_text()
     assert (dest / "etc/agentmount").is_dir()
+
+
+def test_allow_other_for_a_non_root_peer_follows_fuse_conf(tmp_path):
+    """fusermount3 refuses allow_other to non-root users unless fuse.conf allows it, so the
+    peer asks for it only then (root always asks)."""
+    from agentmount.fuse.ops import _user_allow_other
+    conf = tmp_path / "fuse.conf"
+    conf.write_text("# user_allow_other\nmount_max = 1000\n")
+    assert not _user_allow_other(str(conf))
+    conf.write_text("mount_max = 1000\nuser_allow_other   # agents share the mount\n")
+    assert _user_allow_other(str(conf))
+    assert not _user_allow_other(str(tmp_path / "missing.conf"))

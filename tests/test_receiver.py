@@ -161,3 +161,16 @@ def test_stop_is_idempotent(tmp_path: pathlib.Path) -> None:
     r.stop()
     r.stop()
     assert _refused(r.port)
+
+
+def test_request_cut_short_by_a_dying_client_is_neither_answered_nor_logged(rx: Receiver) -> None:
+    port = int(rx.url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"cut\": ")
+        s.shutdown(socket.SHUT_WR)            # the sender dies before the rest of its body
+        assert s.recv(100) == b""             # closed without an answer
+    status, _, _ = _post(rx.url, {"after": 1})
+    assert status == 200
+    reqs = rx.wait_for(lambda rs: len(rs) >= 1, timeout=5, what="the request after the cut one")
+    assert [json.loads(r["body"]) for r in reqs] == [{"after": 1}]

@@ -6,7 +6,8 @@ It listens on 127.0.0.1 (port 0 unless `--port` is given) and writes the chosen 
 `DIR/port` (atomically) once listening. Every POST is logged as one JSON line appended to
 `DIR/requests.jsonl`: `{"t", "path", "headers", "body", "status"}` where `status` is what it
 answered (logged just before the answer goes out, so a client holding its answer finds
-the request logged), or null when it hung or refused. How it answers is read from `DIR/mode` at each
+the request logged), or null when it hung or refused. A request whose body is cut short
+(its client died mid-send) is neither answered nor logged. How it answers is read from `DIR/mode` at each
 request (missing file means "ok"):
 
     ok        200 "ok"
@@ -102,7 +103,11 @@ class Handler(BaseHTTPRequestHandler):
                 parts.append(self.rfile.read(size))
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
+        body = self.rfile.read(length) if length > 0 else b""
+        if len(body) < length:
+            # The client died mid-request (a SIGKILLed sender): nothing to answer.
+            raise ConnectionResetError(f"request body cut short: {len(body)} of {length} bytes")
+        return body
 
     def _log(self, status: int | None) -> None:
         """Log the current request once, before its answer goes out: a client that has its
@@ -167,7 +172,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         arrived = time.time()
-        body = self._read_body()
+        try:
+            body = self._read_body()
+        except (OSError, ValueError):
+            self.close_connection = True    # cut short or garbled: never answered, never logged
+            return
         mode = read_mode(self.server.state_dir)
         entry = {
             "t": arrived,

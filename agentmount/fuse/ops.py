@@ -329,6 +329,15 @@ def mount_options(fsname: str) -> set[str]:
     opts = set(pyfuse3.default_options)
     opts.add(f"fsname={fsname}")
     opts.add("subtype=agentmount")
-    if os.getuid() == 0:
-        opts.add("allow_other")
+    if os.getuid() == 0 or _user_allow_other():
+        opts.add("allow_other")      # permissions are then checked per user (default_permissions)
     return opts
+
+
+def _user_allow_other(path: str = "/etc/fuse.conf") -> bool:
+    """fusermount3 lets a non-root user mount with allow_other only when fuse.conf says so."""
+    try:
+        with open(path) as f:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
