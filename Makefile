@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml setup.py agentmount/fuse/_lowlevel.c
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
+	@PYTHON=$(PYTHON) TEST_DEPS=1 ./scripts/ensure-deps.sh
 	@$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $@
 

@@ -9,6 +9,13 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v getfattr >/dev/null 2>&1 || need+=(attr)
 command -v flock >/dev/null 2>&1 || need+=(util-linux)
+command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+command -v mount >/dev/null 2>&1 || need+=(mount)
+# for the tests only (make test): the unit is checked with systemd-analyze (systemd need not run)
+if [ "${TEST_DEPS:-0}" = 1 ]; then
+  command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+  command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+fi
 if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then need+=(python3-venv); fi
 if ! "$PYTHON" -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' >/dev/null 2>&1; then
   need+=(python3-dev)
