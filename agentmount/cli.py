@@ -151,6 +151,9 @@ def cmd_status(args) -> int:
                   + (f", JOURNAL ERROR {w['journal_error']}" if w["journal_error"] else ""))
         print(f"write buffer {out['write_buffer_bytes']} B, uploads in flight {out['uploads_in_flight']}, "
               f"memory cache {out['memory_cache_bytes']} B")
+        if out.get("api"):
+            api = out["api"]
+            print(f"http api {api['url']}" + (f" (token in {api['token_file']})" if api["token_file"] else ""))
     else:
         for name in ws:
             print(f"workspace {name}")

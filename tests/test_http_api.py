@@ -78,6 +78,8 @@ def test_token_file_is_generated_private_and_required(peer):
     assert stat.S_IMODE(tf.stat().st_mode) == 0o600
     assert len(peer.token) >= 40
     assert "api_token_created" in (peer.m.data / "agentmount.log").read_text()
+    st = peer.m.cli("status")
+    assert f"http api {peer.base}/v1 (token in {tf})" in st.stdout, st.stdout
     url = f"{peer.base}/v1/workspaces/default/webhooks"
     r = httpx.get(url)
     assert "missing bearer token" in _error(r, 401)

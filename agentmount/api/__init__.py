@@ -64,7 +64,9 @@ async def serve(cfg: Config, vfs: Any, task_status: Any = trio.TASK_STATUS_IGNOR
     except OSError as e:
         raise MountError(f"[api] listen {cfg.api.listen}: cannot listen there: {e.strerror or e}") from None
     host, port = listeners[0].socket.getsockname()[:2]
-    log.warning("event=api_listening address=%s", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    bound = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    vfs.api = {"url": f"http://{bound}/v1", "token_file": None if cfg.api.token is not None else cfg.api.token_file}
+    log.warning("event=api_listening address=%s", bound)
     if not _loopback(address[0]):
         log.warning("event=api_not_loopback listen=%s (plain HTTP: the bearer token crosses the network in clear; "
                     "put TLS in front)", cfg.api.listen)

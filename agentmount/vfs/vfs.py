@@ -172,6 +172,7 @@ class VFS:
             self.inline_max = 0
         self._ws_lock = trio.Lock()
         self.write_calls = 0
+        self.api: dict | None = None     # the HTTP API's address once it listens (for status)
         self.bytes_written = 0
         self._refreshed = -1e9
         self.locks = LockService(self)
@@ -1021,6 +1022,7 @@ class VFS:
             "memory_cache_bytes": self.blockio.mem.used,
             "disk_cache_bytes": self.blockio.disk.used,
             "store_health": self.store.health(),
+            "api": self.api,
         }
 
 
