@@ -340,6 +340,14 @@ ws=$mp/default
 
 # agent_reads AGENT PATH: the agent reads PATH and gets "one".
 agent_reads() { [ "$("${PODMAN[@]}" exec "$1" cat "$2" 2>&1)" = one ]; }
+# sees_new_mount WHAT: after a peer was replaced, the running agent reads through the new mount.
+sees_new_mount() {
+  if wait_until 20 "the agent to see the new mount" agent_reads "$agent" "$ws/from-agent"; then
+    pass "peer replaced after $1"
+  else
+    fail "peer replaced after ${1%%:*}: the agent reads '$("${PODMAN[@]}" exec "$agent" cat "$ws/from-agent" 2>&1)'"
+  fi
+}
 
 p1=$NAME-peer-1
 t0=$SECONDS
@@ -366,11 +374,7 @@ if start_peer "$p1" "$mp" "${peer_run[@]}"; then
   stop_peer "$p1"
   p2=$NAME-peer-2
   if start_peer "$p2" "$mp" "${peer_run[@]}"; then
-    if wait_until 20 "the agent to see the new mount" agent_reads "$agent" "$ws/from-agent"; then
-      pass "peer replaced after SIGTERM: the running agent sees the new mount"
-    else
-      fail "peer replaced after SIGTERM: the agent reads '$("${PODMAN[@]}" exec "$agent" cat "$ws/from-agent" 2>&1)'"
-    fi
+    sees_new_mount "SIGTERM: the running agent sees the new mount"
     got=$("${PODMAN[@]}" exec "$plain" cat /agents/default/from-agent 2>&1)
     if [[ $got == *"not connected"* ]]; then
       pass "as documented, the agent with a plain bind of the mountpoint now gets ENOTCONN: \"$got\""
@@ -385,11 +389,7 @@ if start_peer "$p1" "$mp" "${peer_run[@]}"; then
     echo "   after SIGKILL of $p2 the agent reads: $got"
     p3=$NAME-peer-3
     if start_peer "$p3" "$mp" "${peer_run[@]}"; then
-      if wait_until 20 "the agent to see the new mount" agent_reads "$agent" "$ws/from-agent"; then
-        pass "peer replaced after SIGKILL: the stale mount was detached and the agent sees the new one"
-      else
-        fail "peer replaced after SIGKILL: the agent reads '$("${PODMAN[@]}" exec "$agent" cat "$ws/from-agent" 2>&1)'"
-      fi
+      sees_new_mount "SIGKILL: the stale mount was detached and the agent sees the new one"
       stop_peer "$p3"
     else
       fail "a new peer does not mount over the dead mount a SIGKILLed peer left"
