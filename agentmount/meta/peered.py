@@ -103,6 +103,11 @@ class PeeredNamespace(NamespaceService):
         self.me = node.name
         self.multi = node.multi
         self.failover_timeout = cfg.lease.failover_timeout_s
+        # Set by the VFS: does this peer hold locks on the inode (or has it fenced them: given
+        # them up, I/O failing)? A call about such an inode that finds no leader gives up as
+        # soon as the inode is fenced, instead of at the failover bound.
+        self.lock_guarded: Callable[[int], bool] | None = None
+        self.is_fenced: Callable[[int], bool] | None = None
         self.invalidate_timeout = cfg.lease.invalidate_timeout_s
         self.role = Role.ELECTING
         self.locks: LockLeader | None = None   # the lock table, while leading
@@ -617,18 +622,24 @@ class PeeredNamespace(NamespaceService):
         return best
 
     async def _at_leader(self, kind: str, body: dict, deadline: float, *, err: int, per_try: float,
-                         request_id: Callable[[], bytes], local: Callable[[], Awaitable[tuple[bool, Any]]]
-                         ) -> tuple[str | None, Any]:
+                         request_id: Callable[[], bytes], local: Callable[[], Awaitable[tuple[bool, Any]]],
+                         give_up: Callable[[], bool] | None = None) -> tuple[str | None, Any]:
         """Send `kind` to the workspace's leader, wherever it is, retrying across failovers until
-        `deadline` (then FsError `err`). While this peer leads, `local()` answers instead: it
-        returns (done, result), done False to try again. Returns (leader, its reply dict), or
-        (None, result) when answered locally."""
+        `deadline` (then FsError `err`), or until `give_up()` holds after a failed try (then
+        EIO). While this peer leads, `local()` answers instead: it returns (done, result), done
+        False to try again. Returns (leader, its reply dict), or (None, result) when answered
+        locally."""
         delay = 0.02
         bound = deadline - trio.current_time()
+        first = True
         while True:
             now = trio.current_time()
             if now >= deadline:
                 raise FsError(err, f"workspace {self.ws}: no leader answered within {bound:.3g}s")
+            if not first and give_up is not None and give_up():
+                raise FsError(errno.EIO, f"workspace {self.ws}: no leader answered, and the locks held on "
+                                         "this file were given up")
+            first = False
             if self._leading() is not None:
                 done, result = await local()
                 if done:
@@ -700,9 +711,15 @@ class PeeredNamespace(NamespaceService):
             except (Deposed, NotLeader):
                 return False, None
 
+        give_up, per_try = None, 1.0
+        if self.lock_guarded is not None and self.is_fenced is not None and a and type(a[0]) is int \
+                and self.lock_guarded(a[0]):
+            ino, fenced = a[0], self.is_fenced
+            give_up, per_try = (lambda: fenced(ino)), 0.25
         # per try 1 s: re-sends to the same leader join the first (same id): cheap, and a dead one is left sooner
-        target, reply = await self._at_leader("ns." + op, body, deadline, err=errno.EIO, per_try=1.0,
-                                              request_id=lambda: rid if change else new_id(), local=local)
+        target, reply = await self._at_leader("ns." + op, body, deadline, err=errno.EIO, per_try=per_try,
+                                              request_id=lambda: rid if change else new_id(), local=local,
+                                              give_up=give_up)
         if target is None:
             return reply
         if isinstance(reply.get("g"), int) and reply["g"] > self.cbgen:

@@ -274,6 +274,11 @@ class LockService:
             if f is not None and f.ws is ws:
                 self.granted(token, {"err": errno.ENOLCK})
 
+    def guarded(self, gino: int) -> bool:
+        """Whether this peer holds locks on the file, or has fenced it."""
+        f = self._files.get(gino)
+        return f is not None and (f.fenced or f.locked())
+
     def _unfence_if_closed(self, f: _File) -> None:
         if f.fenced and f.ws is not None and not self._vfs.has_open_handle(f.ws, f.ino):
             f.fenced = False
