@@ -296,7 +296,6 @@ async def _main(cfg: Config, mp: str, ready_fd: int | None) -> int:
                             log.info("signal %d: already stopping", signum)
                             continue
                         log.warning("signal received: committing and unmounting")
-                        sdnotify.notify("STOPPING=1", "STATUS=committing pending writes and unmounting")
                         stopping = True
                         pyfuse3.terminate()
 

@@ -103,11 +103,10 @@ class PeeredNamespace(NamespaceService):
         self.me = node.name
         self.multi = node.multi
         self.failover_timeout = cfg.lease.failover_timeout_s
-        # Set by the VFS: does this peer hold locks on the inode (or has it fenced them: given
-        # them up, I/O failing)? A call about such an inode that finds no leader gives up as
-        # soon as the inode is fenced, instead of at the failover bound.
-        self.lock_guarded: Callable[[int], bool] | None = None
-        self.is_fenced: Callable[[int], bool] | None = None
+        # Set by the VFS: this peer's lock state of an inode (an object with `.fenced`) while it
+        # holds locks there or has fenced them, else None. A call about such an inode that finds
+        # no leader gives up as soon as it is fenced, instead of at the failover bound.
+        self.lock_state: Callable[[int], Any] | None = None
         self.invalidate_timeout = cfg.lease.invalidate_timeout_s
         self.role = Role.ELECTING
         self.locks: LockLeader | None = None   # the lock table, while leading
@@ -712,10 +711,9 @@ class PeeredNamespace(NamespaceService):
                 return False, None
 
         give_up, per_try = None, 1.0
-        if self.lock_guarded is not None and self.is_fenced is not None and a and type(a[0]) is int \
-                and self.lock_guarded(a[0]):
-            ino, fenced = a[0], self.is_fenced
-            give_up, per_try = (lambda: fenced(ino)), 0.25
+        held = self.lock_state(a[0]) if self.lock_state is not None and a and type(a[0]) is int else None
+        if held is not None:
+            give_up, per_try = (lambda: held.fenced), 0.25
         # per try 1 s: re-sends to the same leader join the first (same id): cheap, and a dead one is left sooner
         target, reply = await self._at_leader("ns." + op, body, deadline, err=errno.EIO, per_try=per_try,
                                               request_id=lambda: rid if change else new_id(), local=local,

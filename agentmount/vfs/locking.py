@@ -274,10 +274,11 @@ class LockService:
             if f is not None and f.ws is ws:
                 self.granted(token, {"err": errno.ENOLCK})
 
-    def guarded(self, gino: int) -> bool:
-        """Whether this peer holds locks on the file, or has fenced it."""
+    def guarded(self, gino: int) -> _File | None:
+        """The file's lock state while this peer holds locks on it or has fenced it (its
+        `fenced` turns true when the locks are given up), else None."""
         f = self._files.get(gino)
-        return f is not None and (f.fenced or f.locked())
+        return f if f is not None and (f.fenced or f.locked()) else None
 
     def _unfence_if_closed(self, f: _File) -> None:
         if f.fenced and f.ws is not None and not self._vfs.has_open_handle(f.ws, f.ino):

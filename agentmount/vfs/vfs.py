@@ -213,8 +213,7 @@ class VFS:
         meta.before_snapshot = lambda: self._inline_barrier(ws)
         meta.on_lock_grant = self.locks.granted
         meta.on_lock_leader_change = lambda: self.locks.leader_changed(ws)
-        meta.lock_guarded = lambda ino: self.locks.guarded(ws.gino(ino))
-        meta.is_fenced = lambda ino: (name, ino) in self.locks.fenced
+        meta.lock_state = lambda ino: self.locks.guarded(ws.gino(ino))
         meta.while_leading = lambda local: self._deliver_events(ws, local)
         self.workspaces[name] = ws
         self.by_index[ws.index] = ws
