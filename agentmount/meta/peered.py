@@ -132,8 +132,8 @@ class PeeredNamespace(NamespaceService):
         self.on_gc: Callable[[str], object] | None = None
         self.before_snapshot = None
         # Locks: the lock service's hooks (a grant pushed to us; the leader changed, so
-        # requests waiting at the old one are void), and how long a lock call may look for
-        # a leader before it fails with ENOLCK.
+        # requests waiting at the old one are void), and the lock TTL (a lock call gives up
+        # with ENOLCK after twice it).
         self.on_lock_grant: Callable[[int, dict], None] | None = None
         self.on_lock_leader_change: Callable[[], None] | None = None
         self.lock_ttl = cfg.lease.lock_ttl_s
@@ -396,7 +396,8 @@ class PeeredNamespace(NamespaceService):
 
     async def lock_rpc(self, a: list, inc: bytes) -> Any:
         """One lock request at the workspace's leader, wherever it is; ENOLCK when no leader
-        answers within `lock_ttl_s` (by then our locks may have lapsed anyway)."""
+        answers within twice `lock_ttl_s`: a new leader holds requests through its grace
+        period, which alone may last `lock_ttl_s` from when it starts serving."""
         rid = new_id()
 
         async def local() -> tuple[bool, Any]:
@@ -407,7 +408,7 @@ class PeeredNamespace(NamespaceService):
             return True, self._with_paths(out) if a[0] == "list" else out
 
         target, reply = await self._at_leader("ns.lk", {"ws": self.ws, "a": a, "inc": inc},
-                                              trio.current_time() + self.lock_ttl, err=errno.ENOLCK,
+                                              trio.current_time() + 2 * self.lock_ttl, err=errno.ENOLCK,
                                               per_try=1.0, request_id=lambda: rid, local=local)
         return reply if target is None else reply["r"]
 
