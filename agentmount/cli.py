@@ -167,7 +167,7 @@ def cmd_scrub(args) -> int:
     cfg = _load(args)
 
     async def run() -> int:
-        stores = [_open_one(sc, cfg.fs.store_timeout_s) for sc in cfg.stores]
+        stores = [_open_one(sc, cfg) for sc in cfg.stores]
         reader = stores[0] if len(stores) == 1 else ReplicatedStore(
             stores, 1, timeout=cfg.fs.store_timeout_s, repair_on_read=False)
         try:

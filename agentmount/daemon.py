@@ -33,7 +33,7 @@ log = logging.getLogger("agentmount.daemon")
 
 def open_store(cfg: Config) -> ObjectStore:
     """The store the peer works on: the one configured, or a ReplicatedStore over several."""
-    stores = [_open_one(sc, cfg.fs.store_timeout_s) for sc in cfg.stores]
+    stores = [_open_one(sc, cfg) for sc in cfg.stores]
     if len(stores) == 1:
         return stores[0]
     from backend.replicated import ReplicatedStore
@@ -42,9 +42,12 @@ def open_store(cfg: Config) -> ObjectStore:
                            health_interval=cfg.health_interval_s)
 
 
-def _open_one(sc: StoreConfig, timeout: float) -> ObjectStore:
+def _open_one(sc: StoreConfig, cfg: Config) -> ObjectStore:
+    timeout = cfg.fs.store_timeout_s
     if sc.kind == "local":
-        return LocalStore(sc.path, sc.name, fsync=sc.fsync)
+        # Enough read buffers for a full memory cache of blocks plus the ones in flight.
+        return LocalStore(sc.path, sc.name, fsync=sc.fsync, read_buffer_size=cfg.block_size + 4096,
+                          read_buffers=(cfg.cache.memory_mb << 20) // cfg.block_size + 16)
     from backend.s3 import S3Store
     return S3Store(sc.name, bucket=sc.bucket, endpoint=sc.endpoint, prefix=sc.prefix, region=sc.region,
                    access_key=sc.access_key, secret_key=sc.secret_key, path_style=sc.path_style,

@@ -21,10 +21,11 @@ import os
 import mmap
 import secrets
 import threading
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 import trio
 
+from backend.buffers import AlignedPool, anonymous
 from backend.store import AlreadyExists, NotFound, ObjectInfo, ObjectStore, StoreError, StoreUnavailable
 
 _TMP_SUFFIX = ".tmp-"
@@ -70,6 +71,8 @@ def writev_all(fd: int, data) -> None:
             bufs[i] = bufs[i][n:]
 
 
+T = TypeVar("T")
+
 _DIRECT_MIN = 256 << 10
 _ALIGN = 4096
 _direct_buf = threading.local()
@@ -81,7 +84,7 @@ def _aligned_buffer(n: int) -> mmap.mmap:
     if buf is None or len(buf) < n:
         if buf is not None:
             buf.close()
-        buf = _direct_buf.m = mmap.mmap(-1, max(n, 4 << 20))
+        buf = _direct_buf.m = anonymous(max(n, 4 << 20), populate=True)
     return buf
 
 
@@ -117,13 +120,17 @@ class LocalStore(ObjectStore):
     appendable = True
 
     def __init__(self, root: str, name: str = "local", *, max_threads: int = 8, fsync: bool = True,
-                 direct: bool = True) -> None:
+                 direct: bool = True, read_buffer_size: int = (4 << 20) + _ALIGN,
+                 read_buffers: int = 32) -> None:
         self.name = name
         self.root = os.path.abspath(root)
         self.fsync = fsync
         self._limiter = trio.CapacityLimiter(max_threads)
         self._known_dirs: set[str] = set()
         self._direct = direct
+        # Buffers for whole-object reads whose result is checked then cached (blocks):
+        # the caller may keep them as long as it likes, the pool reuses them after.
+        self._read_pool = AlignedPool(-(-read_buffer_size // _ALIGN) * _ALIGN, read_buffers)
 
     # -- helpers (run in threads) -------------------------------------------------
     def _path(self, key: str) -> str:
@@ -249,7 +256,7 @@ class LocalStore(ObjectStore):
                 self._known_dirs.discard(d)
             raise _classify(e, key) from e
 
-    def _get_sync(self, key: str, start: int | None, end: int | None) -> bytes:
+    def _get_sync(self, key: str, start: int | None, end: int | None, pooled: bool = False) -> bytes:
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -259,7 +266,7 @@ class LocalStore(ObjectStore):
             lo = min(start or 0, size)
             hi = size if end is None else min(end, size)
             if self._direct and lo == 0 and hi == size >= _DIRECT_MIN:
-                data = self._read_direct(key, size)
+                data = self._read_direct(key, size, pooled)
                 if data is not None:
                     return data
             # Ask for the whole range at once: the kernel then reads it in large requests
@@ -279,9 +286,10 @@ class LocalStore(ObjectStore):
         finally:
             os.close(fd)
 
-    def _read_direct(self, key: str, size: int) -> bytes | None:
-        """Read a whole big object with O_DIRECT into this thread's aligned buffer (None when
-        the file system refuses O_DIRECT): no page cache pages to allocate and evict."""
+    def _read_direct(self, key: str, size: int, pooled: bool = False) -> bytes | None:
+        """Read a whole big object with O_DIRECT (None when the file system refuses it): no
+        page cache pages to allocate and evict. `pooled`: the result is a memoryview into a
+        buffer of the read pool (no copy, no page faults); otherwise fresh bytes."""
         try:
             fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
         except OSError as e:
@@ -291,7 +299,7 @@ class LocalStore(ObjectStore):
             return None
         try:
             padded = -(-size // _ALIGN) * _ALIGN
-            view = memoryview(_aligned_buffer(padded))
+            view = memoryview(self._read_pool.take(padded) if pooled else _aligned_buffer(padded))
             try:
                 got = 0
                 while got < size:
@@ -299,9 +307,12 @@ class LocalStore(ObjectStore):
                     if n <= 0:
                         break
                     got += n
+                if pooled:
+                    return view[:min(got, size)]  # type: ignore[return-value]  # a bytes-like view
                 return bytes(view[:min(got, size)])
             finally:
-                view.release()
+                if not pooled:
+                    view.release()
         finally:
             os.close(fd)
 
@@ -353,6 +364,15 @@ class LocalStore(ObjectStore):
     # -- ObjectStore ---------------------------------------------------------------
     async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         return await self._run(self._get_sync, key, start, end)
+
+    async def get_checked(self, key: str, check: Callable[[bytes], T] | None) -> tuple[bytes, T | None]:
+        # Read and check in one worker-thread call: a second hop per block costs a thread
+        # handoff and GIL round trips that cap cold sequential reads.
+        return await self._run(self._get_checked_sync, key, check)
+
+    def _get_checked_sync(self, key: str, check):
+        data = self._get_sync(key, None, None, pooled=check is not None)
+        return data, (check(data) if check is not None else None)
 
     async def put(self, key: str, data, *, create_only: bool = False, sync: bool = True) -> None:
         await self._run(self._put_sync, key, data, create_only, sync)

@@ -50,3 +50,26 @@ async def test_big_objects_use_direct_io_and_read_back_exactly(tmp_path):
             assert (await s.head(f"k/{size}")).size == size
     assert os.listdir(tmp_path / "d" / "k") and not [f for f in os.listdir(tmp_path / "d" / "k") if ".tmp" in f]
     await direct.sync(["k/missing"])   # nothing to make durable: not an error
+
+
+async def test_checked_reads_of_big_objects_share_no_bytes_while_held(tmp_path):
+    """Whole-object reads for blocks come from reused buffers: a result kept by a cache or a
+    reply must never be overwritten by a later read, and the buffers are reused once dropped."""
+    import os
+    s = LocalStore(str(tmp_path / "d"), read_buffer_size=(1 << 20) + 4096, read_buffers=4)
+    blobs = {f"k/{i}": os.urandom((1 << 20) + i) for i in range(12)}
+    for k, v in blobs.items():
+        await s.put(k, v)
+    held = {}
+    for k in blobs:                          # more results held than the pool keeps
+        obj, checked = await s.get_checked(k, lambda b: bytes(b[:16]))
+        held[k] = obj
+        assert checked == blobs[k][:16]
+    assert all(bytes(held[k]) == v for k, v in blobs.items())
+    assert len(s._read_pool) == 4
+    held.clear()
+    pooled = {id(b) for b in s._read_pool._bufs}
+    obj, _ = await s.get_checked("k/3", len)
+    assert bytes(obj) == blobs["k/3"] and id(obj.obj) in pooled   # a dropped buffer came back
+    other, _ = await s.get_checked("k/5", len)
+    assert other.obj is not obj.obj and bytes(obj) == blobs["k/3"]

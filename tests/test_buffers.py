@@ -1,0 +1,49 @@
+"""AlignedPool: a buffer is reused only once nothing refers to it."""
+import ctypes
+import threading
+
+from backend.buffers import AlignedPool
+
+
+def _addr(buf) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def test_buffers_are_page_aligned_and_reused_only_when_free():
+    pool = AlignedPool(8192, keep=2)
+    a = pool.take(5000)
+    assert len(a) == 8192 and _addr(a) % 4096 == 0
+    view = memoryview(a)[:10]
+    del a
+    b = pool.take(100)
+    assert b is not view.obj                 # the first is still seen through a view
+    del view
+    c = pool.take(100)
+    assert c is not b and len(pool) == 2     # the freed first one, not a third
+    d = pool.take(100)                       # both held: a one-off buffer, not kept
+    assert d is not b and d is not c and len(pool) == 2
+    big = pool.take(10_000)                  # larger than the pool's size: one-off
+    assert len(big) >= 10_000 and len(pool) == 2
+
+
+def test_threads_never_share_a_buffer_they_hold():
+    pool = AlignedPool(4096, keep=8)
+    errors = []
+
+    def work(tag: int) -> None:
+        for _ in range(2000):
+            buf = pool.take(4096)
+            view = memoryview(buf)
+            del buf
+            view[:8] = tag.to_bytes(8, "little")
+            view[4088:] = tag.to_bytes(8, "little")
+            if bytes(view[:8]) != bytes(view[4088:]) or int.from_bytes(view[:8], "little") != tag:
+                errors.append(tag)
+            view.release()
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(pool) <= 8
