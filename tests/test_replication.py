@@ -145,6 +145,27 @@ async def test_hedged_reads_route_around_a_slow_replica(tmp_path):
         n.cancel_scope.cancel()
 
 
+async def test_a_uniformly_busy_store_is_not_asked_every_read_twice(tmp_path):
+    """Every replica answers in 60 ms (say, 4 MiB blocks under load): with hedge_after 20 ms a
+    fixed threshold would send every read to two stores; the learned one sends it to one."""
+    reps = _replicas(tmp_path)
+    rs = ReplicatedStore(reps, 2, timeout=5, hedge_after=0.02)
+    async with trio.open_nursery() as n:
+        await n.start(rs.run)
+        for i in range(20):
+            await rs.put(f"k/{i}", b"y" * 1000)
+        for r in reps:
+            r.delay = 0.06
+        for i in range(5):                       # learn what reads take
+            assert await rs.get(f"k/{i}") == b"y" * 1000
+        before = sum(r.calls for r in reps)
+        for i in range(5, 20):
+            assert await rs.get(f"k/{i}") == b"y" * 1000
+        assert sum(r.calls for r in reps) - before == 15   # one store call per read, no hedges
+        assert rs._hedge_delay(rs.replicas[0]) <= 10 * rs.hedge_after
+        n.cancel_scope.cancel()
+
+
 async def test_misconfigured_replica_fails_check_but_an_unreachable_one_is_tolerated(tmp_path):
     reps = _replicas(tmp_path)
     reps[1].down = True   # transient: StoreUnavailable
