@@ -16,9 +16,9 @@ import mmap
 import sys
 import threading
 
-# References a free buffer has while `take` inspects it: the pool's list, the loop
-# variable and getrefcount's own argument.
-_FREE_REFS = 3
+# References a free buffer has while `take` inspects it: the pool's list and
+# getrefcount's own argument.
+_FREE_REFS = 2
 
 
 def anonymous(n: int, populate: bool = False) -> mmap.mmap:
@@ -32,14 +32,16 @@ class AlignedPool:
     """At most `keep` resident buffers of `size` bytes each, page-aligned, thread-safe.
 
     `take(n)` returns a buffer of at least `n` bytes: a free pooled one, a new pooled one
-    while fewer than `keep` exist, else a one-off allocation.
+    while fewer than `keep` exist, else a one-off allocation. Beyond `spare` free buffers
+    (say, after a cache let go of many blocks at once) the extras are unmapped at the next
+    `take`, so idle buffers do not hold memory nobody uses.
     """
 
-    def __init__(self, size: int, keep: int) -> None:
+    def __init__(self, size: int, keep: int, spare: int = 8) -> None:
         self.size = size
         self.keep = keep
+        self.spare = spare
         self._bufs: list[mmap.mmap] = []
-        self._next = 0
         self._lock = threading.Lock()
 
     def take(self, n: int) -> mmap.mmap:
@@ -47,15 +49,18 @@ class AlignedPool:
             return anonymous(n)
         with self._lock:
             bufs = self._bufs
-            count = len(bufs)
-            for i in range(count):
-                j = (self._next + i) % count
-                b = bufs[j]
-                if sys.getrefcount(b) == _FREE_REFS:
-                    self._next = j + 1
-                    return b
+            free = [i for i in range(len(bufs)) if sys.getrefcount(bufs[i]) == _FREE_REFS]
+            if free:
+                b = bufs[free[0]]
+                extra = free[1 + self.spare:]
+                if extra:
+                    for i in extra:
+                        bufs[i].close()
+                    drop = set(extra)
+                    self._bufs = [x for i, x in enumerate(bufs) if i not in drop]
+                return b
             b = anonymous(self.size, populate=True)
-            if count < self.keep:
+            if len(bufs) < self.keep:
                 bufs.append(b)
             return b
 

@@ -47,3 +47,14 @@ def test_threads_never_share_a_buffer_they_hold():
     for t in threads:
         t.join()
     assert not errors and len(pool) <= 8
+
+
+def test_free_buffers_beyond_the_spare_ones_are_unmapped():
+    pool = AlignedPool(4096, keep=10, spare=2)
+    held = [pool.take(4096) for _ in range(6)]
+    assert len(pool) == 6
+    held.clear()                             # a cache let go of everything at once
+    b = pool.take(4096)
+    assert len(pool) == 3 and b in pool._bufs   # the one handed out plus two spare
+    again = pool.take(4096)
+    assert again is not b and len(pool) == 3
