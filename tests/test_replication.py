@@ -3,6 +3,7 @@ queue, hedged reads, health. (Faults are injected by a LocalStore subclass that 
 demand; the same behaviour over real S3 servers and through the mount is in test_replication_s3.py.)"""
 import errno
 import os
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -123,13 +124,21 @@ async def test_write_quorum_out_of_reach_fails_fast_and_reads_survive(tmp_path):
         n.cancel_scope.cancel()
 
 
-async def test_hedged_reads_route_around_a_slow_replica(tmp_path):
+@asynccontextmanager
+async def _serving(tmp_path, keys: int, value: bytes, **kw):
+    """Three Faulty replicas behind a running ReplicatedStore holding k/0 .. k/{keys-1}."""
     reps = _replicas(tmp_path)
-    rs = ReplicatedStore(reps, 2, timeout=5, hedge_after=0.02)
+    rs = ReplicatedStore(reps, 2, timeout=5, **kw)
     async with trio.open_nursery() as n:
         await n.start(rs.run)
-        for i in range(10):
-            await rs.put(f"k/{i}", b"x" * 1000)
+        for i in range(keys):
+            await rs.put(f"k/{i}", value)
+        yield reps, rs
+        n.cancel_scope.cancel()
+
+
+async def test_hedged_reads_route_around_a_slow_replica(tmp_path):
+    async with _serving(tmp_path, 10, b"x" * 1000, hedge_after=0.02) as (reps, rs):
         reps[0].delay = 0.3
         times = []
         for rnd in range(3):
@@ -142,18 +151,12 @@ async def test_hedged_reads_route_around_a_slow_replica(tmp_path):
         # Once it lost a race it ranks behind the others: it is not asked first again (until stale).
         assert rs.replicas[0].expected(trio.current_time()) >= min(r.latency for r in rs.replicas[1:]) \
             or reps[0].calls <= 12
-        n.cancel_scope.cancel()
 
 
 async def test_a_uniformly_busy_store_is_not_asked_every_read_twice(tmp_path):
     """Every replica answers in 60 ms (say, 4 MiB blocks under load): with hedge_after 20 ms a
     fixed threshold would send every read to two stores; the learned one sends it to one."""
-    reps = _replicas(tmp_path)
-    rs = ReplicatedStore(reps, 2, timeout=5, hedge_after=0.02)
-    async with trio.open_nursery() as n:
-        await n.start(rs.run)
-        for i in range(20):
-            await rs.put(f"k/{i}", b"y" * 1000)
+    async with _serving(tmp_path, 20, b"y" * 1000, hedge_after=0.02) as (reps, rs):
         for r in reps:
             r.delay = 0.06
         for i in range(5):                       # learn what reads take
@@ -163,7 +166,6 @@ async def test_a_uniformly_busy_store_is_not_asked_every_read_twice(tmp_path):
             assert await rs.get(f"k/{i}") == b"y" * 1000
         assert sum(r.calls for r in reps) - before == 15   # one store call per read, no hedges
         assert rs._hedge_delay(rs.replicas[0]) <= 10 * rs.hedge_after
-        n.cancel_scope.cancel()
 
 
 async def test_misconfigured_replica_fails_check_but_an_unreachable_one_is_tolerated(tmp_path):
