@@ -365,13 +365,14 @@ class LocalStore(ObjectStore):
     async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         return await self._run(self._get_sync, key, start, end)
 
-    async def get_checked(self, key: str, check: Callable[[bytes], T] | None) -> tuple[bytes, T | None]:
+    async def get_checked(self, key: str, check: Callable[[bytes], T] | None, *,
+                          buffer: bool = False) -> tuple[bytes, T | None]:
         # Read and check in one worker-thread call: a second hop per block costs a thread
         # handoff and GIL round trips that cap cold sequential reads.
-        return await self._run(self._get_checked_sync, key, check)
+        return await self._run(self._get_checked_sync, key, check, buffer)
 
-    def _get_checked_sync(self, key: str, check):
-        data = self._get_sync(key, None, None, pooled=check is not None)
+    def _get_checked_sync(self, key: str, check, buffer: bool):
+        data = self._get_sync(key, None, None, pooled=buffer)
         return data, (check(data) if check is not None else None)
 
     async def put(self, key: str, data, *, create_only: bool = False, sync: bool = True) -> None:

@@ -283,7 +283,8 @@ class ReplicatedStore(ObjectStore):
         data, _ = await self._read(key, lambda r: r.store.get(key, start, end), None, repair=False)
         return data
 
-    async def get_checked(self, key: str, check: Callable[[bytes], T] | None) -> tuple[bytes, T | None]:
+    async def get_checked(self, key: str, check: Callable[[bytes], T] | None, *,
+                          buffer: bool = False) -> tuple[bytes, T | None]:
         """Whole object, checked; replicas that miss it or hold a bad copy are repaired."""
         return await self._read(key, lambda r: r.store.get(key), check, repair=True)
 

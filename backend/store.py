@@ -108,9 +108,14 @@ class ObjectStore(abc.ABC):
     async def list_keys(self, prefix: str) -> list[str]:
         return [info.key async for info in self.list(prefix)]
 
-    async def get_checked(self, key: str, check: "Callable[[bytes], T] | None") -> "tuple[bytes, T | None]":
+    async def get_checked(self, key: str, check: "Callable[[bytes], T] | None", *,
+                          buffer: bool = False) -> "tuple[bytes, T | None]":
         """The whole object and `check(bytes)` of it (run in a worker thread); `check` raises
-        CorruptObject on bad bytes. Replicated stores then try another replica and repair."""
+        CorruptObject on bad bytes. Replicated stores then try another replica and repair.
+
+        `buffer=True`: the caller only uses the buffer protocol on the object (slicing,
+        len, hashing, decompressing), so a store may hand back a read-only memoryview
+        into a reused buffer instead of copying into bytes."""
         data = await self.get(key)
         if check is None:
             return data, None

@@ -70,6 +70,18 @@ def test_decode_log_reads_every_frame_and_drops_only_a_torn_tail():
         jr.decode_log(bytes(bad))
 
 
+async def test_a_big_torn_log_read_from_a_local_store_decodes(tmp_path):
+    """Logs over 256 KiB come off a local store by direct I/O; the checked read must still hand
+    decode_log real bytes (it searches them for the next frame after a torn one)."""
+    store = LocalStore(str(tmp_path / "store"))
+    big = b"".join(jr.encode_frame(jr.encode_segment(WS, 1, [{"seq": i + 1, "op": "x", "pad": os.urandom(9000)}]))
+                   for i in range(40))
+    assert len(big) > 300_000
+    await store.put("w/log", big + big[:100])        # a torn last append
+    data, (segs, torn) = await store.get_checked("w/log", jr.decode_log)
+    assert len(segs) == 40 and torn == 100 and type(data) is bytes
+
+
 async def test_records_roll_over_logs_and_replay_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(jr, "LOG_ROLL_BYTES", 2000)
     store = LocalStore(str(tmp_path / "s"), "s")

@@ -62,14 +62,16 @@ async def test_checked_reads_of_big_objects_share_no_bytes_while_held(tmp_path):
         await s.put(k, v)
     held = {}
     for k in blobs:                          # more results held than the pool keeps
-        obj, checked = await s.get_checked(k, lambda b: bytes(b[:16]))
+        obj, checked = await s.get_checked(k, lambda b: bytes(b[:16]), buffer=True)
         held[k] = obj
         assert checked == blobs[k][:16]
     assert all(bytes(held[k]) == v for k, v in blobs.items())
     assert len(s._read_pool) == 4
     held.clear()
     pooled = {id(b) for b in s._read_pool._bufs}
-    obj, _ = await s.get_checked("k/3", len)
+    obj, _ = await s.get_checked("k/3", len, buffer=True)
     assert bytes(obj) == blobs["k/3"] and id(obj.obj) in pooled   # a dropped buffer came back
-    other, _ = await s.get_checked("k/5", len)
+    other, _ = await s.get_checked("k/5", len, buffer=True)
+    plain, n = await s.get_checked("k/5", len)              # without buffer=True: real bytes
+    assert type(plain) is bytes and plain == blobs["k/5"] and n == len(plain)
     assert other.obj is not obj.obj and bytes(obj) == blobs["k/3"]

@@ -147,7 +147,7 @@ class BlockIO:
             try:
                 with trio.fail_after(self.timeout):
                     # Checked where it is fetched: a replicated store then falls over to a good copy.
-                    obj, plain = await self.store.get_checked(key, block.decode)
+                    obj, plain = await self.store.get_checked(key, block.decode, buffer=True)
             except trio.TooSlowError:
                 raise FsError(errno.EIO, f"store timeout reading {key}") from None
             except NotFound:
