@@ -126,6 +126,7 @@ def cmd_status(args) -> int:
         st["latency_ms"] = h.get("latency_ms")
         st["repair_queue"] = h.get("repair_queue", 0)
         st["last_error"] = h.get("last_error")
+        st["hedged_reads"] = h.get("hedged_reads", 0)
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
         return 0
@@ -133,8 +134,9 @@ def cmd_status(args) -> int:
     for st in out["stores"]:
         lat = f", {st['latency_ms']:g} ms" if st["latency_ms"] is not None else ""
         err = f" ({st['last_error']})" if st["last_error"] and not st["healthy"] else ""
+        hedged = f", {st['hedged_reads']} reads hedged" if st["hedged_reads"] else ""
         print(f"store {st['name']} ({st['kind']} {st['location']}): {'ok' if st['healthy'] else 'UNAVAILABLE'}"
-              f"{err}{lat}, repair queue {st['repair_queue']}")
+              f"{err}{lat}, repair queue {st['repair_queue']}{hedged}")
     ws = out["workspaces"]
     if isinstance(ws, dict):
         for p in out.get("peers", []):

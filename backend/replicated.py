@@ -45,6 +45,7 @@ class Replica:
     failures: int = 0                 # consecutive
     last_error: str | None = None
     read_latency: float | None = None   # moving average of successful reads alone
+    hedged: int = 0                     # reads that also went to another replica while this one ran
     read_measured: float = 0.0
     wake: trio.Event = field(default_factory=trio.Event)   # set when it came back / got repairs
 
@@ -346,6 +347,8 @@ class ReplicatedStore(ObjectStore):
                         await _first(done, ready)
                 if done.is_set():
                     break
+                if not ready.is_set():
+                    r.hedged += 1   # still running: the next replica is asked as well
             if not done.is_set() and pending == 0:
                 done.set()   # every launched attempt failed before the last one could start
             await done.wait()
@@ -526,7 +529,8 @@ class ReplicatedStore(ObjectStore):
 
     def health(self) -> list[dict]:
         return [{"name": r.name, "up": r.up, "latency_ms": None if r.latency is None else round(r.latency * 1e3, 2),
-                 "repair_queue": self.queue.length(r.name), "last_error": r.last_error} for r in self.replicas]
+                 "repair_queue": self.queue.length(r.name), "last_error": r.last_error,
+                 "hedged_reads": r.hedged} for r in self.replicas]
 
 
 class _Tally:

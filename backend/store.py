@@ -132,8 +132,9 @@ class ObjectStore(abc.ABC):
         """Raise StoreUnavailable/StoreError when the store is not usable."""
 
     def health(self) -> list[dict]:
-        """Per underlying store: name, up, latency_ms, repair_queue, last_error."""
-        return [{"name": self.name, "up": True, "latency_ms": None, "repair_queue": 0, "last_error": None}]
+        """Per underlying store: name, up, latency_ms, repair_queue, last_error, hedged_reads."""
+        return [{"name": self.name, "up": True, "latency_ms": None, "repair_queue": 0, "last_error": None,
+                 "hedged_reads": 0}]
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Background work of the store, if any (start it in a nursery; it ends when cancelled)."""

@@ -161,10 +161,13 @@ async def test_a_uniformly_busy_store_is_not_asked_every_read_twice(tmp_path):
             r.delay = 0.06
         for i in range(5):                       # learn what reads take
             assert await rs.get(f"k/{i}") == b"y" * 1000
+        hedged = sum(h["hedged_reads"] for h in rs.health())
+        assert hedged >= 1                       # before it knew, 60 ms reads were hedged at 20 ms
         before = sum(r.calls for r in reps)
         for i in range(5, 20):
             assert await rs.get(f"k/{i}") == b"y" * 1000
         assert sum(r.calls for r in reps) - before == 15   # one store call per read, no hedges
+        assert sum(h["hedged_reads"] for h in rs.health()) == hedged
         assert rs._hedge_delay(rs.replicas[0]) <= 10 * rs.hedge_after
 
 
