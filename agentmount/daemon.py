@@ -21,6 +21,7 @@ import sys
 import trio
 
 from agentmount import control, hostcheck, logs, sdnotify
+from agentmount.chunks.block import HEADER_SIZE
 from agentmount.chunks.blockio import BlockIO
 from agentmount.chunks.cache import DiskCache, MemoryCache
 from agentmount.config import Config, StoreConfig
@@ -46,7 +47,7 @@ def _open_one(sc: StoreConfig, cfg: Config) -> ObjectStore:
     timeout = cfg.fs.store_timeout_s
     if sc.kind == "local":
         # Enough read buffers for a full memory cache of blocks plus the ones in flight.
-        return LocalStore(sc.path, sc.name, fsync=sc.fsync, read_buffer_size=cfg.block_size + 4096,
+        return LocalStore(sc.path, sc.name, fsync=sc.fsync, read_buffer_size=cfg.block_size + HEADER_SIZE,
                           read_buffers=(cfg.cache.memory_mb << 20) // cfg.block_size + 16)
     from backend.s3 import S3Store
     return S3Store(sc.name, bucket=sc.bucket, endpoint=sc.endpoint, prefix=sc.prefix, region=sc.region,

@@ -36,6 +36,10 @@ _STALE = 10.0   # seconds after which a latency average no longer ranks a replic
 _HEDGE_FACTOR = 2.0   # hedge once a read takes this many times the replica's recent reads
 
 
+def _ewma(average: float | None, sample: float) -> float:
+    return sample if average is None else (1 - _EWMA) * average + _EWMA * sample
+
+
 @dataclass
 class Replica:
     store: ObjectStore
@@ -45,8 +49,8 @@ class Replica:
     failures: int = 0                 # consecutive
     last_error: str | None = None
     read_latency: float | None = None   # moving average of successful reads alone
-    hedged: int = 0                     # reads that also went to another replica while this one ran
     read_measured: float = 0.0
+    hedged: int = 0                     # reads that also went to another replica while this one ran
     wake: trio.Event = field(default_factory=trio.Event)   # set when it came back / got repairs
 
     @property
@@ -54,7 +58,7 @@ class Replica:
         return self.store.name
 
     def ok(self, seconds: float) -> None:
-        self.latency = seconds if self.latency is None else (1 - _EWMA) * self.latency + _EWMA * seconds
+        self.latency = _ewma(self.latency, seconds)
         self.measured = trio.current_time()
         self.failures = 0
 
@@ -66,8 +70,7 @@ class Replica:
         return self.latency
 
     def read_ok(self, seconds: float) -> None:
-        self.read_latency = seconds if self.read_latency is None else \
-            (1 - _EWMA) * self.read_latency + _EWMA * seconds
+        self.read_latency = _ewma(self.read_latency, seconds)
         self.read_measured = trio.current_time()
 
     def slow(self, seconds: float) -> None:
