@@ -109,3 +109,13 @@ def test_sequential_read_uses_readahead_and_cache(mount):
     assert got == data
     s = _status(mount)
     assert s["bytes_downloaded"] >= len(data) * 0.9
+
+
+def test_a_peer_alone_remembers_no_request_ids(mount):
+    """Request ids exist for retries at another leader; alone there is none, so none are kept
+    (a busy mount once held hundreds of thousands, and every snapshot serialized them)."""
+    for i in range(50):
+        (mount.ws / f"f{i}").write_bytes(b"x")
+        os.rename(mount.ws / f"f{i}", mount.ws / f"g{i}")
+    ws = _status(mount)["workspaces"]["default"]
+    assert ws["seq"] > 100 and ws["request_ids"] == 0

@@ -109,6 +109,22 @@ async def test_records_roll_over_logs_and_replay_exactly(tmp_path, monkeypatch):
     assert set(again.state.dirs[ROOT_INO]) == set(names) | {b"after"}
 
 
+async def test_snapshots_are_taken_in_the_background_once_records_pile_up(tmp_path):
+    store = LocalStore(str(tmp_path / "s"), "s")
+    async with trio.open_nursery() as n:
+        ns = await open_ns(store)
+        ns.snapshot_records = 5
+        n.start_soon(ns.run)
+        await make_files(ns, [b"f%d" % i for i in range(12)])
+        with trio.fail_after(30):
+            while not await store.list_keys(jr.snapshot_prefix(WS)):
+                await trio.sleep(0.01)
+        assert ns.journal.records_since_snapshot < 12
+        n.cancel_scope.cancel()
+    again = await jr.load(store, WS, fresh())
+    assert set(again.state.dirs[ROOT_INO]) == {b"f%d" % i for i in range(12)}
+
+
 async def test_torn_last_append_is_dropped_and_the_next_leader_goes_on(tmp_path):
     store = LocalStore(str(tmp_path / "s"), "s")
     async with trio.open_nursery() as n:

@@ -720,6 +720,7 @@ def test_replayed_change_is_not_applied_twice(peer_cluster):
     first = trio.run(send, rid)
     ino = first["r"]["r"][0]
     assert (c[leader].ws / "replayed").exists()
+    assert c[leader].ws_status()["request_ids"] >= 1   # with peers, ids are remembered
     again = trio.run(send, rid)                       # the same message: the RPC layer's answer
     assert again["r"]["r"][0] == ino
     os.unlink(f.ws / "replayed")

@@ -148,11 +148,12 @@ class LeaderRole:
             await trio.sleep(self.invalidate_timeout)
 
     # -- changes ----------------------------------------------------------------------------
-    async def mutate(self, origin: str, op: str, a: list, rid: bytes,
+    async def mutate(self, origin: str, op: str, a: list, rid: bytes | None,
                      actor: list | None = None) -> tuple[Any, Affected]:
-        """Apply one change for `origin` (at most once per request id); returns (result, affected)."""
+        """Apply one change for `origin` (at most once per request id; None: a change no one
+        can retry); returns (result, affected)."""
         local = self.local
-        done = local.outcome(rid)
+        done = local.outcome(rid) if rid is not None else None
         pre = None
         if op == "rename":
             pre = (local.cached_entry(a[0], a[1]), local.cached_entry(a[2], a[3]))

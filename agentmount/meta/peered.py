@@ -14,7 +14,7 @@ cache timeouts (so nothing stale can outlive a daemon-side invalidation).
 
 Failover: a change carries a request id; if the leader dies or is deposed
 the call is retried, same id, at whichever peer leads next (a replayed id
-gets its first outcome there, see `NamespaceState.rids`) until
+gets its first outcome there, see `RequestIds`) until
 `failover_timeout_s` has passed, then EIO — never a hang.
 
 With no other peers the lease is taken at once and never lapses: the same
@@ -35,6 +35,7 @@ from agentmount.errors import Deposed, FsError
 from agentmount.locks.leader import LockLeader
 from agentmount.meta import actor
 from agentmount.meta import journal as jr
+from agentmount.meta import reqids as rids
 from agentmount.meta import workspaces as wsreg
 from agentmount.meta.leader import LeaderRole, attr_list
 from agentmount.meta.service import LocalNamespace, NamespaceService
@@ -223,6 +224,9 @@ class PeeredNamespace(NamespaceService):
                 raise Deposed(self.ws)
         local.fence = fence
         local.strict_inodes = self.multi
+        # A retry reaches the next leader within the failover bound of its first try: remember
+        # ids that long, plus a margin for clock skew between peers.
+        loaded.state.rids.seconds = self.failover_timeout + rids.SKEW_SECONDS
         local.on_gc = self.on_gc
         local.before_snapshot = self.before_snapshot
         role = LeaderRole(self.me, local, lead.epoch, send_inval=self._send_inval, kernel_inval=self.kernel.inval,
@@ -762,7 +766,7 @@ class PeeredNamespace(NamespaceService):
             return [Slice.from_tuple(t) for t in r]
         return r
 
-    async def _as_leader(self, role: LeaderRole, op: str, a: list, rid: bytes, durable: bool,
+    async def _as_leader(self, role: LeaderRole, op: str, a: list, rid: bytes | None, durable: bool,
                          deadline: float | None = None) -> Any:
         """A change made through our own mount while we lead (reads never get here)."""
         try:
@@ -793,7 +797,8 @@ class PeeredNamespace(NamespaceService):
     async def _change(self, op: str, a: list, durable: bool = False) -> Any:
         role = self._leading()
         if role is not None:
-            return await self._as_leader(role, op, a, new_id(), durable)
+            # Alone, no other leader can ever take a retry: no request id to remember.
+            return await self._as_leader(role, op, a, new_id() if self.multi else None, durable)
         return await self._rpc(op, self._wire(op, a), change=True, durable=durable)
 
     # -- NamespaceService: queries ----------------------------------------------------------------

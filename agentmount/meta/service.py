@@ -184,6 +184,7 @@ class LocalNamespace(NamespaceService):
         self._garbage: list[tuple[int, float, list[Slice]]] = []
         self._gc_wake = trio.Event()
         self._snapshot_lock = trio.Lock()
+        self._snapshot_due = trio.Event()
         self.blocks_deleted = 0
         # Set by a leader: raises Deposed once its lease is gone (checked before every change).
         self.fence: Callable[[], None] | None = None
@@ -276,12 +277,14 @@ class LocalNamespace(NamespaceService):
         return {"inodes": len(self.state.inodes), "seq": self.state.seq, "durable_seq": j.durable_seq,
                 "epoch": j.epoch, "journal_segments": j.segments_written,
                 "journal_put_ms_avg": round(1000 * j.put_seconds / max(1, j.segments_written), 3),
-                "journal_error": j.error, "blocks_deleted": self.blocks_deleted}
+                "journal_error": j.error, "blocks_deleted": self.blocks_deleted,
+                "request_ids": len(self.state.rids)}
 
     async def run(self) -> None:
         async with trio.open_nursery() as n:
             n.start_soon(self.journal.run)
             n.start_soon(self.run_gc)
+            n.start_soon(self._run_snapshots)
 
     async def close(self) -> None:
         await self.journal.close()
@@ -530,8 +533,19 @@ class LocalNamespace(NamespaceService):
 
     async def sync(self, seq: int | None = None) -> None:
         await self.journal.wait_durable(seq)
-        if self.journal.records_since_snapshot >= self.snapshot_records and not self._snapshot_lock.locked():
-            await self.snapshot()
+        if self.journal.records_since_snapshot >= self.snapshot_records:
+            self._snapshot_due.set()     # taken by run(): a caller of sync never waits for one
+
+    async def _run_snapshots(self) -> None:
+        while True:
+            await self._snapshot_due.wait()
+            self._snapshot_due = trio.Event()
+            if self.journal.records_since_snapshot < self.snapshot_records:
+                continue
+            try:
+                await self.snapshot()
+            except Exception as e:  # noqa: BLE001 - the journal still holds every record; the next sync retries
+                log.warning("snapshot of %s failed: %s", self.ws, e)
 
     # -- maintenance -------------------------------------------------------------------
     async def snapshot(self) -> None:

@@ -19,13 +19,10 @@ from typing import Any, Iterable
 import xxhash
 
 from agentmount.chunks.layout import Slice, truncate_slices
+from agentmount.meta.reqids import RequestIds
 
 ROOT_INO = 1
 DIR_SIZE = 4096
-# Request ids remembered for retries (across failovers: snapshots carry them): at least the
-# last RIDS_KEPT, and every one younger than RIDS_SECONDS (beyond any failover bound).
-RIDS_KEPT = 20000
-RIDS_SECONDS = 600
 # Inode numbers skipped at each new leadership with peers: 2^40 local numbers last 10^6 failovers.
 EPOCH_INO_GAP = 1 << 20
 
@@ -91,7 +88,7 @@ class NamespaceState:
         self.dirs: dict[int, dict[bytes, int]] = {ROOT_INO: {}}
         # Request id -> (seq, inode) of the record it made: a retried request (same id, maybe at
         # a new leader after failover) gets the first outcome instead of being applied twice.
-        self.rids: dict[bytes, tuple[int, int, int]] = {}   # rid -> (seq, inode, time ns)
+        self.rids = RequestIds()
         self.lost: list[tuple[int, int]] = []    # inode ranges skipped at new leaderships
 
     # -- snapshots -------------------------------------------------------------------
@@ -99,7 +96,7 @@ class NamespaceState:
         return {"v": 1, "ws": self.ws, "seq": self.seq, "next_ino": self.next_ino, "chunk_size": self.chunk_size,
                 "inodes": [i.to_list() for i in self.inodes.values()],
                 "dirs": [[d, list(e.items())] for d, e in self.dirs.items()],
-                "rids": [[r, s, i, t] for r, (s, i, t) in self.rids.items()],
+                "rids": self.rids.to_bytes(),
                 "lost": [list(x) for x in self.lost]}
 
     @staticmethod
@@ -114,7 +111,7 @@ class NamespaceState:
             i = Inode.from_list(v)
             s.inodes[i.ino] = i
         s.dirs = {d: dict((bytes(n), ino) for n, ino in ents) for d, ents in o["dirs"]}
-        s.rids = {bytes(v[0]): (v[1], v[2], v[3] if len(v) > 3 else 0) for v in o.get("rids", ())}
+        s.rids = RequestIds.from_snapshot(o.get("rids"))
         s.lost = [(lo, hi) for lo, hi in o.get("lost", ())]
         return s
 
@@ -139,13 +136,7 @@ class NamespaceState:
         self.seq = rec["seq"]
         rid = rec.get("rid")
         if rid is not None:
-            rids = self.rids
-            t = rec.get("t", 0)
-            rids[rid] = (rec["seq"], rec.get("ino", 0), t)
-            if len(rids) > RIDS_KEPT:
-                first = next(iter(rids))
-                if rids[first][2] < t - RIDS_SECONDS * 10**9:
-                    del rids[first]
+            self.rids.add(rid, rec["seq"], rec.get("ino", 0), rec.get("t", 0))
         return dropped
 
     def _op_epoch(self, r: dict) -> None:
