@@ -11,8 +11,11 @@ journal.) Objects of 256 KiB and more bypass the page cache with O_DIRECT.
 `write_at` writes into an object in place (pwrite, fdatasync; the directory
 is synced when it creates the file): one data flush instead of a new file's
 two. A crash may leave such an object torn past its last durable write; its
-only users (journal logs) find that by their frames' checksums.
-All disk I/O runs in worker threads, bounded by a capacity limiter.
+only users (journal logs) find that by their frames' checksums. The object
+stays open after that, and small appends to it are written on the trio
+thread and flushed through native AIO (`backend.aio`): no thread hand-off on
+the path of a durable close.
+All other disk I/O runs in worker threads, bounded by a capacity limiter.
 """
 from __future__ import annotations
 
@@ -25,10 +28,15 @@ from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 import trio
 
+from backend.aio import FdSyncer
 from backend.buffers import AlignedPool, anonymous
 from backend.store import AlreadyExists, NotFound, ObjectInfo, ObjectStore, StoreError, StoreUnavailable
 
 _TMP_SUFFIX = ".tmp-"
+# Appends to an object held open are written on the trio thread when at most this big (a
+# copy into the page cache); larger ones, and any to an object not held open, use a thread.
+_INLINE_APPEND_MAX = 64 << 10
+_OPEN_APPENDS = 8
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 try:
@@ -76,6 +84,24 @@ T = TypeVar("T")
 _DIRECT_MIN = 256 << 10
 _ALIGN = 4096
 _direct_buf = threading.local()
+
+
+def _parts(data) -> list[memoryview]:
+    return [memoryview(b) for b in ((data,) if isinstance(data, (bytes, bytearray, memoryview)) else data)
+            if len(b)]
+
+
+def pwritev_all(fd: int, data, pos: int) -> None:
+    """Write `data` (a buffer or a sequence of them) at `pos`, however many calls it takes."""
+    parts = _parts(data)
+    while parts:
+        n = os.pwritev(fd, parts[:_IOV_MAX], pos)
+        pos += n
+        while parts and n >= len(parts[0]):
+            n -= len(parts[0])
+            parts.pop(0)
+        if n:
+            parts[0] = parts[0][n:]
 
 
 def _aligned_buffer(n: int) -> mmap.mmap:
@@ -131,6 +157,10 @@ class LocalStore(ObjectStore):
         # Buffers for whole-object reads whose result is checked then cached (blocks):
         # the caller may keep them as long as it likes, the pool reuses them after.
         self._read_pool = AlignedPool(-(-read_buffer_size // _ALIGN) * _ALIGN, read_buffers)
+        # Objects appended to lately (journal logs): key -> (open fd, size written). Later
+        # appends to them write on the trio thread and flush through native AIO.
+        self._appends: dict[str, tuple[int, int]] = {}
+        self._syncer = FdSyncer()
 
     # -- helpers (run in threads) -------------------------------------------------
     def _path(self, key: str) -> str:
@@ -234,17 +264,7 @@ class LocalStore(ObjectStore):
                     raise StoreError(f"{key}: {size} bytes, cannot write at {offset}")
                 if size > offset:
                     os.ftruncate(fd, offset)
-                parts = [memoryview(b) for b in ((data,) if isinstance(data, (bytes, bytearray, memoryview))
-                                                 else data) if len(b)]
-                pos = offset
-                while parts:
-                    n = os.pwritev(fd, parts[:_IOV_MAX], pos)
-                    pos += n
-                    while parts and n >= len(parts[0]):
-                        n -= len(parts[0])
-                        parts.pop(0)
-                    if n:
-                        parts[0] = parts[0][n:]
+                pwritev_all(fd, data, offset)
                 if self.fsync and sync:
                     os.fdatasync(fd)
             finally:
@@ -376,6 +396,7 @@ class LocalStore(ObjectStore):
         return data, (check(data) if check is not None else None)
 
     async def put(self, key: str, data, *, create_only: bool = False, sync: bool = True) -> None:
+        self._forget_append(key)
         await self._run(self._put_sync, key, data, create_only, sync)
 
     def _put_many_sync(self, items, sync: bool) -> None:
@@ -386,7 +407,50 @@ class LocalStore(ObjectStore):
         await self._run(self._put_many_sync, list(items), sync)
 
     async def write_at(self, key: str, data, offset: int, *, sync: bool = True) -> None:
+        n = sum(len(b) for b in _parts(data))
+        app = self._appends.pop(key, None)
+        if app is not None:
+            fd, size = app
+            if sync and offset <= size and n <= _INLINE_APPEND_MAX:
+                try:
+                    if size > offset:
+                        os.ftruncate(fd, offset)
+                    pwritev_all(fd, data, offset)
+                    await self._syncer.fdatasync(fd)
+                except OSError as e:
+                    os.close(fd)
+                    raise _classify(e, key) from e
+                except BaseException:
+                    os.close(fd)    # cancelled: the next append finds the size out again
+                    raise
+                self._appends[key] = (fd, offset + n)
+                return
+            os.close(fd)
         await self._run(self._write_at_sync, key, data, offset, sync)
+        if sync and self.fsync and self._syncer.available():
+            self._keep_open(key, offset + n)
+
+    def _keep_open(self, key: str, size: int) -> None:
+        """Hold `key` open for the next appends (done on the trio thread: the file exists and
+        its directory is cached, so this is a page-cache lookup)."""
+        try:
+            fd = os.open(self._path(key), os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return          # gone meanwhile: the next append takes the thread path
+        self._appends[key] = (fd, size)
+        while len(self._appends) > _OPEN_APPENDS:
+            os.close(self._appends.pop(next(iter(self._appends)))[0])
+
+    def _forget_append(self, key: str) -> None:
+        app = self._appends.pop(key, None)
+        if app is not None:
+            os.close(app[0])
+
+    async def aclose(self) -> None:
+        for fd, _ in self._appends.values():
+            os.close(fd)
+        self._appends.clear()
+        self._syncer.close()
 
     def _barrier_sync(self) -> None:
         if not self.fsync:
@@ -451,6 +515,7 @@ class LocalStore(ObjectStore):
         return await self._run(self._head_sync, key)
 
     async def delete(self, key: str) -> None:
+        self._forget_append(key)
         await self._run(self._delete_sync, key)
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:  # type: ignore[override]
