@@ -264,7 +264,14 @@ def build_phases(r: Run, tarball: Path, tar_entries: int) -> list[Phase]:
             log(f"  {t.name:<10} cold read: {how}")
         path = t.workdir / "seq-random.bin"
         cold = wl.seq_read(path, sz.seq_bytes, sz.piece)
+        before = t.fuse_reads()
         warm = wl.seq_read(path, sz.seq_bytes, sz.piece)
+        if before is not None:
+            # Warm re-reads must come from the kernel page cache: none may reach the daemon.
+            n = t.fuse_reads() - before
+            st[t.name].setdefault("warm_read_requests", []).append(n)
+            log(f"  {t.name:<10} warm read: {n} READ requests reached the daemon"
+                + (" (all served from the kernel page cache)" if n == 0 else ""))
         return {"seq_read_cold": cold, "seq_read_warm": warm}
 
     def seq_read_after(t: tg.Target) -> None:
@@ -727,6 +734,10 @@ def main(argv=None) -> int:
         print("  * cold reads: owned mounts are unmounted and remounted (JuiceFS block cache emptied), and for every")
         print("    target the kernel page cache is dropped (sync; echo 3 > /proc/sys/vm/drop_caches); warm = read again")
         print("    right away. 4 KiB random reads are cold too (cache dropped before each run).")
+    for name, v in run.state.items():
+        if "warm_read_requests" in v:
+            print(f"  * warm re-reads on {name}: {v['warm_read_requests']} READ requests reached its daemon per run"
+                  " (0: served from the kernel page cache).")
     if args.target:
         print("    --target is not a mount this benchmark owns, so it is not remounted: a daemon's own memory")
         print("    cache may still serve the 'cold' reads there.")
@@ -762,6 +773,8 @@ def main(argv=None) -> int:
         "acceptance": accept,
         "figures": rows, "errors": run.errors, "daemon_logs": logs_kept,
         "cpu_per_step": run.cpu,
+        "warm_read_fuse_requests": {name: v["warm_read_requests"] for name, v in run.state.items()
+                                    if "warm_read_requests" in v},
         "agentmount_log_problems": problems.get("agentmount", []),
         "daemon_log_problems": problems,
     }, indent=2))

@@ -7,6 +7,7 @@ Mounts that this benchmark started are "owned": it may unmount, remount and kill
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from agentmount.config import render_local
 from agentmount.procs import wait_exit
 
 REPO = Path(__file__).resolve().parent.parent
+FUSE_READ = 15        # the kernel protocol's READ opcode
 
 _warned_no_drop = False
 
@@ -138,6 +140,11 @@ class Target:
     def diagnostics(self, lines: int = 40) -> str:
         return tail(self.log_path, lines) if self.log_path else ""
 
+    def fuse_reads(self) -> int | None:
+        """READ requests the kernel has sent this target's daemon so far (None: not a FUSE mount
+        that counts them)."""
+        return None
+
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds (user + system) used so far by the processes serving this target, by role
         ("role" or "role:pid"; empty: not measured). A step's CPU cost is the difference around it."""
@@ -204,6 +211,13 @@ class AgentmountTarget(Target):
         self.workdir = self.mp / "default"
         self.log_path = self.data / "agentmount.log"
         self.pid: int | None = None
+
+    def fuse_reads(self) -> int | None:
+        try:
+            ops = json.loads(os.getxattr(self.mp, "user.agentmount.fuse"))["ops"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return int(ops.get(str(FUSE_READ), 0))
 
     def _cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
         env = dict(os.environ)
