@@ -408,24 +408,22 @@ class LocalStore(ObjectStore):
 
     async def write_at(self, key: str, data, offset: int, *, sync: bool = True) -> None:
         n = sum(len(b) for b in _parts(data))
-        app = self._appends.pop(key, None)
-        if app is not None:
-            fd, size = app
-            if sync and offset <= size and n <= _INLINE_APPEND_MAX:
-                try:
-                    if size > offset:
-                        os.ftruncate(fd, offset)
-                    pwritev_all(fd, data, offset)
-                    await self._syncer.fdatasync(fd)
-                except OSError as e:
-                    os.close(fd)
+        app = self._appends.get(key)
+        if app is not None and sync and offset <= app[1] and n <= _INLINE_APPEND_MAX:
+            fd, size = self._appends.pop(key)
+            try:
+                if size > offset:
+                    os.ftruncate(fd, offset)
+                pwritev_all(fd, data, offset)
+                await self._syncer.fdatasync(fd)
+            except BaseException as e:
+                os.close(fd)       # also when cancelled: the next append finds the size out again
+                if isinstance(e, OSError):
                     raise _classify(e, key) from e
-                except BaseException:
-                    os.close(fd)    # cancelled: the next append finds the size out again
-                    raise
-                self._appends[key] = (fd, offset + n)
-                return
-            os.close(fd)
+                raise
+            self._appends[key] = (fd, offset + n)
+            return
+        self._forget_append(key)
         await self._run(self._write_at_sync, key, data, offset, sync)
         if sync and self.fsync and self._syncer.available():
             self._keep_open(key, offset + n)

@@ -125,6 +125,20 @@ async def test_snapshots_are_taken_in_the_background_once_records_pile_up(tmp_pa
     assert set(again.state.dirs[ROOT_INO]) == {b"f%d" % i for i in range(12)}
 
 
+async def test_recovery_keeps_request_ids_as_long_as_configured(tmp_path):
+    store = LocalStore(str(tmp_path / "s"), "s")
+    async with trio.open_nursery() as n:
+        ns = await open_ns(store)
+        n.start_soon(ns.journal.run)
+        await make_files(ns, [b"a"])
+        await ns.snapshot()
+        n.cancel_scope.cancel()
+    fresh_state = fresh()
+    fresh_state.rids.seconds = 123.0
+    loaded = await jr.load(store, WS, fresh_state)   # from the snapshot, not the fresh state
+    assert loaded.state is not fresh_state and loaded.state.rids.seconds == 123.0
+
+
 async def test_torn_last_append_is_dropped_and_the_next_leader_goes_on(tmp_path):
     store = LocalStore(str(tmp_path / "s"), "s")
     async with trio.open_nursery() as n:

@@ -199,6 +199,7 @@ async def load(store: ObjectStore, ws: str, fresh: NamespaceState) -> Loaded:
         try:
             _, obj = await store.get_checked(key, lambda data: unpack(block.decode(data)))
             state = NamespaceState.from_obj(obj)
+            state.rids.seconds = fresh.rids.seconds    # replay prunes request ids as configured
             snap_inline = dict(obj.get("inline") or {})
             snap_seq = seq
             break

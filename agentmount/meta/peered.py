@@ -200,7 +200,10 @@ class PeeredNamespace(NamespaceService):
         """Load the workspace at `lead`'s epoch and serve it until the lease is lost."""
         cfg = self.cfg
         try:
-            loaded = await wsreg.recover(self.store, self.ws, self.info, cfg.chunk_size)
+            # A retry reaches the next leader within the failover bound of its first try:
+            # request ids are remembered that long, plus a margin for clock skew between peers.
+            loaded = await wsreg.recover(self.store, self.ws, self.info, cfg.chunk_size,
+                                         rid_seconds=self.failover_timeout + rids.SKEW_SECONDS)
         except Exception as e:
             await self._takeover_failed(lead, e)
             return
@@ -224,9 +227,6 @@ class PeeredNamespace(NamespaceService):
                 raise Deposed(self.ws)
         local.fence = fence
         local.strict_inodes = self.multi
-        # A retry reaches the next leader within the failover bound of its first try: remember
-        # ids that long, plus a margin for clock skew between peers.
-        loaded.state.rids.seconds = self.failover_timeout + rids.SKEW_SECONDS
         local.on_gc = self.on_gc
         local.before_snapshot = self.before_snapshot
         role = LeaderRole(self.me, local, lead.epoch, send_inval=self._send_inval, kernel_inval=self.kernel.inval,

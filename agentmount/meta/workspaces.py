@@ -67,9 +67,13 @@ def fresh_state(name: str, info: dict, chunk_size: int) -> NamespaceState:
                           root_gid=info.get("gid", 0), t=info.get("created", 0))
 
 
-async def recover(store: ObjectStore, name: str, info: dict, chunk_size: int) -> jr.Loaded:
-    loaded = await jr.load(store, name, fresh_state(name, info, chunk_size))
-    return loaded
+async def recover(store: ObjectStore, name: str, info: dict, chunk_size: int,
+                  rid_seconds: float | None = None) -> jr.Loaded:
+    """Load `name`'s state; `rid_seconds`: how long its request ids are remembered."""
+    fresh = fresh_state(name, info, chunk_size)
+    if rid_seconds is not None:
+        fresh.rids.seconds = rid_seconds
+    return await jr.load(store, name, fresh)
 
 
 async def open_local(store: ObjectStore, name: str, info: dict, cfg: "Config") -> tuple["LocalNamespace", jr.Loaded]:
