@@ -30,6 +30,11 @@ _IOCB_FLAG_RESFD = 1
 _MAX_EVENTS = 128
 
 
+class NotSubmitted(OSError):
+    """The kernel did not take the request (queue full, or AIO refused): nothing was flushed,
+    the caller flushes another way."""
+
+
 class _IOCB(ctypes.Structure):
     # struct iocb of <linux/aio_abi.h>, little-endian layout
     _fields_ = [("aio_data", ctypes.c_uint64), ("aio_key", ctypes.c_uint32), ("aio_rw_flags", ctypes.c_int32),
@@ -106,16 +111,19 @@ class FdSyncer:
         self._state = "off"
 
     async def fdatasync(self, fd: int) -> None:
-        """Flush `fd`'s data (and size) to disk; OSError as fdatasync would raise it.
-        Call only after `available()` said True."""
+        """Flush `fd`'s data (and size) to disk; OSError as fdatasync would raise it, or
+        `NotSubmitted` when the kernel would not take the request. Call only after
+        `available()` said True."""
         token, self._next = self._next, self._next + 1
         req = _Request(_IOCB(aio_data=token, aio_lio_opcode=_IOCB_CMD_FDSYNC, aio_fildes=fd,
                              aio_flags=_IOCB_FLAG_RESFD, aio_resfd=self._efd))
         if self._lib.syscall(self._nrs[3], self._ctx, 1, req.ptr) != 1:
             err = ctypes.get_errno()
+            if err == errno.EBADF:
+                raise OSError(err, os.strerror(err))
             if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP) and not self._pending:
-                self._off(os.strerror(err))
-            raise OSError(err, f"io_submit: {os.strerror(err)}")
+                self._off(os.strerror(err))     # e.g. a file system without AIO fsync: never again
+            raise NotSubmitted(err, f"io_submit: {os.strerror(err)}")
         self._pending[token] = req
         while not req.done.is_set():
             if self._reaping:

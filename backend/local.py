@@ -28,7 +28,7 @@ from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 import trio
 
-from backend.aio import FdSyncer
+from backend.aio import FdSyncer, NotSubmitted
 from backend.buffers import AlignedPool, anonymous
 from backend.store import AlreadyExists, NotFound, ObjectInfo, ObjectStore, StoreError, StoreUnavailable
 
@@ -415,7 +415,10 @@ class LocalStore(ObjectStore):
                 if size > offset:
                     os.ftruncate(fd, offset)
                 pwritev_all(fd, data, offset)
-                await self._syncer.fdatasync(fd)
+                try:
+                    await self._syncer.fdatasync(fd)
+                except NotSubmitted:
+                    await self._run(os.fdatasync, fd)
             except BaseException as e:
                 os.close(fd)       # also when cancelled: the next append finds the size out again
                 if isinstance(e, OSError):

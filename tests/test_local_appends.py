@@ -74,3 +74,22 @@ def test_appends_read_back_exactly_with_or_without_aio(tmp_path, aio):
         await store.aclose()
         assert not store._appends
     trio.run(main)
+
+
+def test_an_append_the_kernel_refuses_to_flush_is_flushed_by_a_thread(tmp_path):
+    import ctypes
+
+    async def main():
+        store = LocalStore(str(tmp_path / "s"))
+        await store.write_at(KEY, b"a" * 10, 0)
+        assert KEY in store._appends
+        real = store._syncer._ctx
+        store._syncer._ctx = ctypes.c_ulong(0)          # io_submit on no context: EINVAL
+        await store.write_at(KEY, b"b" * 10, 10)        # still durable, through a worker thread
+        assert not store._syncer.available()            # and AIO is not tried again
+        await store.write_at(KEY, b"c" * 10, 20)
+        assert await store.get(KEY) == b"a" * 10 + b"b" * 10 + b"c" * 10
+        store._syncer._ctx = real
+        store._syncer._state = "ready"
+        await store.aclose()
+    trio.run(main)
