@@ -385,6 +385,8 @@ class Leadership:
         """True while this peer may act as leader (checks the clock now)."""
         if self.lost_reason is not None:
             return False
+        if self.deadline == math.inf:      # alone: never lapses (and checked on every change)
+            return True
         if trio.current_time() >= self.deadline or _boottime() >= self._boot_deadline:
             self._manager._lose(self, "expired")
             return False
