@@ -27,7 +27,9 @@ from pathlib import Path
 ACCESS_KEY = "agentmount-test"
 SECRET_KEY = "agentmount-test-secret"
 GRPC_OFFSET = 10000
-_PORT_LO, _PORT_HI = 20000, 30000  # below the ephemeral range; port + 10000 stays < 65536
+# Both p and its gRPC port p + 10000 stay below Linux's ephemeral range (32768 up): a server
+# restarted on its ports must not find one taken by some outgoing connection meanwhile.
+_PORT_LO, _PORT_HI = 12000, 22000
 
 _reserved: set[int] = set()
 _reserved_lock = threading.Lock()

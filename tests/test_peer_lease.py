@@ -279,7 +279,9 @@ class LocalPeer:
 
 
 async def test_is_leader_turns_false_at_deadline_even_when_loop_blocked(tmp_path):
-    cfg = LeaseConfig(lease_s=0.4, renew_s=0.1, voter_extra_s=0.1)
+    # Voters hold a's lease 1 s past its own deadline: room for the refused attempt below
+    # on a loaded machine (0.1 s was crossed once).
+    cfg = LeaseConfig(lease_s=0.4, renew_s=0.1, voter_extra_s=1.0)
     voters = {n: Voter(tmp_path / n, cfg) for n in "abc"}
     links = {n: {m: LocalPeer(voters[m], n) for m in "abc" if m != n} for n in "abc"}
     events = []
