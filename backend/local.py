@@ -65,13 +65,23 @@ def _classify(e: OSError, key: str) -> StoreError:
     return StoreError(f"{key}: {e}", e.errno)
 
 
-def writev_all(fd: int, data) -> None:
-    """Write `data` (one buffer or a sequence of buffers) fully to `fd`, in IOV_MAX batches."""
-    bufs = [memoryview(b) for b in ((data,) if isinstance(data, (bytes, bytearray, memoryview)) else data)]
-    bufs = [b for b in bufs if len(b)]
+def _parts(data) -> list[memoryview]:
+    return [memoryview(b) for b in ((data,) if isinstance(data, (bytes, bytearray, memoryview)) else data)
+            if len(b)]
+
+
+def writev_all(fd: int, data, pos: int | None = None) -> None:
+    """Write `data` (one buffer or a sequence of buffers) fully to `fd`, in IOV_MAX batches:
+    at the file offset, or at `pos` (pwritev) when given."""
+    bufs = _parts(data)
     i = 0
     while i < len(bufs):
-        n = os.writev(fd, bufs[i:i + _IOV_MAX])
+        batch = bufs[i:i + _IOV_MAX]
+        if pos is None:
+            n = os.writev(fd, batch)
+        else:
+            n = os.pwritev(fd, batch, pos)
+            pos += n
         while i < len(bufs) and n >= len(bufs[i]):
             n -= len(bufs[i])
             i += 1
@@ -84,24 +94,6 @@ T = TypeVar("T")
 _DIRECT_MIN = 256 << 10
 _ALIGN = 4096
 _direct_buf = threading.local()
-
-
-def _parts(data) -> list[memoryview]:
-    return [memoryview(b) for b in ((data,) if isinstance(data, (bytes, bytearray, memoryview)) else data)
-            if len(b)]
-
-
-def pwritev_all(fd: int, data, pos: int) -> None:
-    """Write `data` (a buffer or a sequence of them) at `pos`, however many calls it takes."""
-    parts = _parts(data)
-    while parts:
-        n = os.pwritev(fd, parts[:_IOV_MAX], pos)
-        pos += n
-        while parts and n >= len(parts[0]):
-            n -= len(parts[0])
-            parts.pop(0)
-        if n:
-            parts[0] = parts[0][n:]
 
 
 def _aligned_buffer(n: int) -> mmap.mmap:
@@ -264,7 +256,7 @@ class LocalStore(ObjectStore):
                     raise StoreError(f"{key}: {size} bytes, cannot write at {offset}")
                 if size > offset:
                     os.ftruncate(fd, offset)
-                pwritev_all(fd, data, offset)
+                writev_all(fd, data, offset)
                 if self.fsync and sync:
                     os.fdatasync(fd)
             finally:
@@ -407,14 +399,15 @@ class LocalStore(ObjectStore):
         await self._run(self._put_many_sync, list(items), sync)
 
     async def write_at(self, key: str, data, offset: int, *, sync: bool = True) -> None:
-        n = sum(len(b) for b in _parts(data))
+        data = _parts(data)
+        n = sum(len(b) for b in data)
         app = self._appends.get(key)
         if app is not None and sync and offset <= app[1] and n <= _INLINE_APPEND_MAX:
             fd, size = self._appends.pop(key)
             try:
                 if size > offset:
                     os.ftruncate(fd, offset)
-                pwritev_all(fd, data, offset)
+                writev_all(fd, data, offset)
                 try:
                     await self._syncer.fdatasync(fd)
                 except NotSubmitted:
