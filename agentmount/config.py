@@ -73,7 +73,7 @@ class FsConfig:
     zstd_level: int = 1
     commit_window_ms: int = 20
     write_buffer_mb: int = 512
-    readahead_blocks: int = 4
+    readahead_blocks: int = 8
     upload_concurrency: int = 8
     download_concurrency: int = 8
     compact_slices: int = 16

@@ -1,8 +1,9 @@
-"""AlignedPool: a buffer is reused only once nothing refers to it."""
+"""AlignedPool: a buffer is reused only once nothing refers to it; big buffers sit on huge pages."""
 import ctypes
 import threading
+from pathlib import Path
 
-from backend.buffers import AlignedPool
+from backend.buffers import AlignedPool, anonymous
 
 
 def _addr(buf) -> int:
@@ -58,3 +59,39 @@ def test_free_buffers_beyond_the_spare_ones_are_unmapped():
     assert len(pool) == 3 and b in pool._bufs   # the one handed out plus two spare
     again = pool.take(4096)
     assert again is not b and len(pool) == 3
+
+
+def _huge_bytes(addr: int, length: int) -> int:
+    """AnonHugePages of this process's mappings that lie inside [addr, addr + length)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = addr <= lo and hi <= addr + length
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1]) << 10
+    return total
+
+
+def test_big_buffers_sit_on_huge_pages_where_the_kernel_offers_them():
+    n = (4 << 20) + 4096                     # a 4 MiB block object plus its header, page-padded
+    buf = anonymous(n, populate=True)
+    assert len(buf) >= n
+    addr = _addr(buf)
+    assert addr % 4096 == 0
+    buf[n - 8:n] = b"lastpage"
+    buf[:8] = b"firstpgs"
+    assert buf[:8] == b"firstpgs" and buf[n - 8:n] == b"lastpage"
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    mode = thp.read_text() if thp.exists() else "[never]"
+    if "[never]" in mode:
+        assert _huge_bytes(addr, len(buf)) == 0
+    else:
+        # Every whole huge page inside the first n bytes is one (on Linux >= 6.7 the mapping
+        # starts on a huge-page boundary: both of the 4 MiB); the 4 KiB past them is not.
+        huge = 2 << 20
+        first, end = -(-addr // huge) * huge, (addr + n) // huge * huge
+        assert _huge_bytes(addr, len(buf)) == max(0, end - first) >= 2 << 20
+    small = anonymous(8192, populate=True)
+    assert len(small) == 8192 and _huge_bytes(_addr(small), 8192) == 0
