@@ -109,6 +109,25 @@ async def test_records_roll_over_logs_and_replay_exactly(tmp_path, monkeypatch):
     assert set(again.state.dirs[ROOT_INO]) == set(names) | {b"after"}
 
 
+async def test_a_local_store_gets_raw_segments_others_compressed(tmp_path):
+    recs = [{"seq": 1, "op": "commit_write", "inline": {"s1": b"print('hello')\n" * 400}}]
+    packed, raw = jr.encode_segment(WS, 1, recs), jr.encode_segment(WS, 1, recs, compress=False)
+    codec = 4   # byte of the block header that names the codec
+    assert packed[codec] == block.CODEC_ZSTD and raw[codec] == block.CODEC_RAW and len(raw) > len(packed)
+    assert jr.decode_segment(packed) == jr.decode_segment(raw)
+    store = LocalStore(str(tmp_path / "s"), "s")
+    async with trio.open_nursery() as n:
+        ns = await open_ns(store)
+        assert not ns.journal.compress      # on a local disk, writing is cheaper than compressing
+        n.start_soon(ns.journal.run)
+        await make_files(ns, [b"a", b"b"])
+        n.cancel_scope.cancel()
+    with open(logs(tmp_path / "s")[0], "rb") as f:
+        first = f.read()
+    assert first[jr._FRAME.size + codec] == block.CODEC_RAW
+    assert set((await jr.load(store, WS, fresh())).state.dirs[ROOT_INO]) == {b"a", b"b"}
+
+
 async def test_snapshots_are_taken_in_the_background_once_records_pile_up(tmp_path):
     store = LocalStore(str(tmp_path / "s"), "s")
     async with trio.open_nursery() as n:

@@ -79,18 +79,21 @@ def _middle_sample(parts: list[Buffer], total: int) -> memoryview:
     return memoryview(b"")
 
 
-def encode_parts(plain: "Buffer | Sequence[Buffer]", level: int = 1) -> tuple[bytes, list[Buffer]]:
+def encode_parts(plain: "Buffer | Sequence[Buffer]", level: int = 1,
+                 compress: bool = True) -> tuple[bytes, list[Buffer]]:
     """Return (header, payload buffers) of the block object for `plain`.
 
     `plain` is one buffer or a sequence of buffers to concatenate; raw payloads
-    come back as those same buffers, never copied. Call from a worker thread
-    for big blocks.
+    come back as those same buffers, never copied. `compress=False`: always raw.
+    Call from a worker thread for big blocks.
     """
     parts = as_parts(plain)
     total = sum(len(p) for p in parts)
     digest = checksum(parts)
     comp = _compressor(level)
     raw = _HEADER.pack(MAGIC, VERSION, CODEC_RAW, total, digest), parts
+    if not compress:
+        return raw
     if total > 4 * _SAMPLE:
         # Incompressible data (media, archives, random bytes) is common: a sample from the
         # middle tells, and skips compressing megabytes that would be stored raw anyway.
@@ -107,9 +110,9 @@ def encode_parts(plain: "Buffer | Sequence[Buffer]", level: int = 1) -> tuple[by
     return raw
 
 
-def encode(plain: "Buffer | Sequence[Buffer]", level: int = 1) -> bytes:
+def encode(plain: "Buffer | Sequence[Buffer]", level: int = 1, compress: bool = True) -> bytes:
     """Return the block object for `plain` as one bytes object."""
-    header, payload = encode_parts(plain, level)
+    header, payload = encode_parts(plain, level, compress)
     return b"".join([header, *payload])
 
 
