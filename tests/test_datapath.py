@@ -119,3 +119,46 @@ def test_a_peer_alone_remembers_no_request_ids(mount):
         os.rename(mount.ws / f"f{i}", mount.ws / f"g{i}")
     ws = _status(mount)["workspaces"]["default"]
     assert ws["seq"] > 100 and ws["request_ids"] == 0
+
+
+def _fuse_ops(m) -> dict:
+    import json
+    return json.loads(os.getxattr(m.mp, "user.agentmount.fuse"))["ops"]
+
+
+def test_write_only_handles_send_each_write_whole_and_cached_readers_see_it(mount):
+    import mmap
+    write_op = "16"   # FUSE_WRITE
+    p = mount.ws / "records"
+    records = [os.urandom(10240) for _ in range(20)]
+    before = _fuse_ops(mount).get(write_op, 0)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for i, rec in enumerate(records):       # tar's pattern: 10 KiB at offsets off page boundaries
+            assert os.pwrite(fd, rec, 512 + i * 10240) == 10240
+    finally:
+        os.close(fd)
+    assert _fuse_ops(mount).get(write_op, 0) - before == 20    # one request per write(), none split
+    expect = bytearray(512) + b"".join(records)
+    assert p.read_bytes() == expect
+
+    # A handle reading through the page cache (and a mapping of it) sees a write-only handle's
+    # writes at once: the kernel drops the pages the direct write covers.
+    rd = os.open(p, os.O_RDWR)
+    try:
+        assert os.pread(rd, 8192, 4096) == expect[4096:12288]
+        view = mmap.mmap(rd, len(expect), prot=mmap.PROT_READ)
+        assert view[4096:12288] == expect[4096:12288]
+        new = os.urandom(6000)
+        wr = os.open(p, os.O_WRONLY)
+        try:
+            assert os.pwrite(wr, new, 5000) == 6000
+        finally:
+            os.close(wr)
+        expect[5000:11000] = new
+        assert os.pread(rd, 8192, 4096) == expect[4096:12288]
+        assert view[4096:12288] == expect[4096:12288]
+        view.close()
+    finally:
+        os.close(rd)
+    assert p.read_bytes() == expect
