@@ -43,3 +43,21 @@ def test_capability_lookups_skip_python_until_a_file_has_one(mount):
     mount.remount()                # a workspace that holds one: never answered in C
     assert info(mount)["no_capabilities"] is False
     assert os.getxattr(mount.ws / "f", "security.capability") == CAP
+
+
+def test_a_write_removes_the_capability_whatever_the_open_mode(mount):
+    """Linux drops security.capability at a file's first write by anyone: the kernel does it
+    for writes through the page cache, the daemon for a write-only (direct I/O) handle."""
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_APPEND):
+        p = mount.ws / f"bin{flags}"
+        p.write_bytes(b"\x7fELF" + bytes(60))
+        os.setxattr(p, "security.capability", CAP)
+        fd = os.open(p, flags)
+        try:
+            assert os.pwrite(fd, b"patched", 8) == 7 if not flags & os.O_APPEND else os.write(fd, b"patched") == 7
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as e:
+            os.getxattr(p, "security.capability")
+        assert e.value.errno == errno.ENODATA, flags
+        assert b"patched" in p.read_bytes()

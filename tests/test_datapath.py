@@ -162,3 +162,39 @@ def test_write_only_handles_send_each_write_whole_and_cached_readers_see_it(moun
     finally:
         os.close(rd)
     assert p.read_bytes() == expect
+
+
+def test_readers_racing_a_write_only_appender_see_each_append_once_it_returns(mount):
+    """A write-only handle writes past the page cache while another handle keeps reading (and
+    caching) the page being appended to: once write() returns, a read through the caching
+    handle shows the new bytes, as on a local file system."""
+    import threading
+    p = mount.ws / "log"
+    p.write_bytes(b"")
+    rd = os.open(p, os.O_RDONLY)
+    wr = os.open(p, os.O_WRONLY | os.O_APPEND)
+    stop = threading.Event()
+
+    def hammer() -> None:                    # keeps re-reading the tail page
+        while not stop.is_set():
+            size = os.fstat(rd).st_size
+            os.pread(rd, 4096, size // 4096 * 4096)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    bad = []
+    try:
+        size = 0
+        for i in range(400):
+            line = b"%05d " % i + b"x" * (37 + i % 50) + b"\n"
+            assert os.write(wr, line) == len(line)
+            got = os.pread(rd, len(line), size)
+            if got != line:
+                bad.append((i, got[:20]))
+            size += len(line)
+    finally:
+        stop.set()
+        t.join()
+        os.close(wr)
+        os.close(rd)
+    assert not bad, bad[:5]

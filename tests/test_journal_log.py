@@ -115,6 +115,11 @@ async def test_a_local_store_gets_raw_segments_others_compressed(tmp_path):
     codec = 4   # byte of the block header that names the codec
     assert packed[codec] == block.CODEC_ZSTD and raw[codec] == block.CODEC_RAW and len(raw) > len(packed)
     assert jr.decode_segment(packed) == jr.decode_segment(raw)
+
+    class Remote:   # what Journal reads of a store that is not a local disk
+        is_local = False
+        appendable = False
+    assert jr.Journal(Remote(), WS, 1, 0).compress       # S3: bytes on the wire cost more
     store = LocalStore(str(tmp_path / "s"), "s")
     async with trio.open_nursery() as n:
         ns = await open_ns(store)

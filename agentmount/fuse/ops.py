@@ -225,20 +225,20 @@ class Operations(pyfuse3.Operations):
         if r.kill_suidgid and r.opcode == lowlevel.FUSE_OPEN:   # O_TRUNC, caller without CAP_FSETID
             await self._drop_privs(inode, r, killpriv.after_modify)
         fh = await self.vfs.open(inode, flags)
-        return self._file_info(fh, inode, flags)
+        return self._file_info(fh, inode)
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         fh, attr = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
-        return self._file_info(fh, attr.ino, flags), self._ref(attr)
+        return self._file_info(fh, attr.ino), self._ref(attr)
 
-    def _file_info(self, fh: int, inode: int, flags: int) -> pyfuse3.FileInfo:
+    def _file_info(self, fh: int, inode: int) -> pyfuse3.FileInfo:
         # A write-only handle never reads through the page cache, and through it every write()
         # that does not start on a page boundary (tar's, say) would reach us as two or three
         # WRITE requests (the kernel ends one at each partly written page). Direct I/O sends
-        # each write() whole; the kernel still drops the range from the pages other handles cache.
+        # each write() whole (vfs.write then does what the page-cache path left to the kernel).
         return pyfuse3.FileInfo(fh=fh, keep_cache=self.vfs.cacheable(inode, pages=True),
-                                direct_io=(flags & os.O_ACCMODE) == os.O_WRONLY)
+                                direct_io=self.vfs.files[fh].direct)
 
     @_errors
     async def read(self, fh, off, size):

@@ -104,12 +104,14 @@ class Workspace:
 
 
 class FileHandle:
-    __slots__ = ("ws", "ino", "writable", "wrote", "next_off", "ra_block", "unreported", "actor")
+    __slots__ = ("ws", "ino", "writable", "direct", "wrote", "next_off", "ra_block", "unreported", "actor")
 
-    def __init__(self, ws: Workspace, ino: int, writable: bool) -> None:
+    def __init__(self, ws: Workspace, ino: int, writable: bool, direct: bool = False) -> None:
         self.ws = ws
         self.ino = ino
         self.writable = writable
+        # Write-only: the kernel sends its writes whole, past the page cache (direct I/O).
+        self.direct = direct
         self.wrote = False
         # Changed through this handle since its last fs.file.written (reported at close/fsync).
         self.unreported = False
@@ -634,7 +636,7 @@ class VFS:
             # the fs.file.written of the close, not as an attribute change.
             await self.setattr(gino, {"size": 0, "mtime": time.time_ns(), "quiet": True})
         fh = self._new_fh()
-        self.files[fh] = h = FileHandle(ws, ino, writable)
+        self.files[fh] = h = FileHandle(ws, ino, writable, (flags & os.O_ACCMODE) == os.O_WRONLY)
         h.unreported = truncated
         ws.opens[ino] = ws.opens.get(ino, 0) + 1
         return fh
@@ -704,11 +706,30 @@ class VFS:
         if d.error is not None:
             err, d.error = d.error, None
             raise err
+        if h.direct and self.capabilities_seen:
+            await self._drop_capability(ws, h.ino)
         await d.write(off, data, time.time_ns())
         self.write_calls += 1
         self.bytes_written += len(data)
         h.wrote = h.unreported = True
+        if h.direct and ws.opens.get(h.ino, 0) > 1 and self.inval_inode is not None:
+            # The kernel dropped the range from its page cache before sending this write, but
+            # a read through another handle may have cached the old bytes since: drop them again
+            # now that the new ones are readable, before write() returns.
+            await trio.to_thread.run_sync(self.inval_inode, ws.gino(h.ino), False, abandon_on_cancel=True,
+                                          limiter=self.inval_limiter)
         return len(data)
+
+    async def _drop_capability(self, ws: Workspace, ino: int) -> None:
+        """A write removes the file's security.capability, as Linux does for any writer. Through
+        the page cache the kernel does that itself; a direct write leaves it to us."""
+        node = ws.meta.cached(ino) or await ws.meta.getattr(ino)
+        if CAPABILITY_XATTR in node.xattrs:
+            try:
+                await ws.meta.removexattr(ino, CAPABILITY_XATTR)
+            except FsError as e:
+                if e.errno != errno.ENODATA:   # gone meanwhile: nothing to drop
+                    raise
 
     async def _commit(self, ws: Workspace, ino: int, d: DirtyFile, durable: bool, closing: bool = False) -> bool:
         """Commit what `d` buffers; False if another task had committed it all meanwhile."""
