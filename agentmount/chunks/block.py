@@ -90,10 +90,10 @@ def encode_parts(plain: "Buffer | Sequence[Buffer]", level: int = 1,
     parts = as_parts(plain)
     total = sum(len(p) for p in parts)
     digest = checksum(parts)
-    comp = _compressor(level)
     raw = _HEADER.pack(MAGIC, VERSION, CODEC_RAW, total, digest), parts
     if not compress:
         return raw
+    comp = _compressor(level)
     if total > 4 * _SAMPLE:
         # Incompressible data (media, archives, random bytes) is common: a sample from the
         # middle tells, and skips compressing megabytes that would be stored raw anyway.
