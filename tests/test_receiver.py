@@ -36,12 +36,23 @@ def _until(cond, timeout: float, what: str) -> None:
     wait_for(cond, timeout, what=what)
 
 
-def _refused(port: int) -> bool:
+def _probe(port: int) -> str:
+    """"refused", "accepted", or "reset": a connect that raced the listener closing."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
     except ConnectionRefusedError:
-        return True
-    return False
+        return "refused"
+    except ConnectionResetError:
+        return "reset"
+    return "accepted"
+
+
+def _refused(port: int) -> bool:
+    return _probe(port) == "refused"
+
+
+def _listening(port: int) -> bool:
+    return _probe(port) == "accepted"
 
 
 @pytest.fixture
@@ -119,7 +130,7 @@ def test_refuse_then_listen_again_on_same_port(rx: Receiver) -> None:
     conn.close()
 
     rx.set_mode("ok")
-    _until(lambda: not _refused(port), 5, "listening again")
+    _until(lambda: _listening(port), 5, "listening again")
     assert rx.port == port
     assert _post(rx.url, {"m": "back"})[0] == 200
     assert [d["payload"] for d in rx.deliveries()] == [{}, {"m": "back"}]
@@ -131,7 +142,7 @@ def test_starting_in_refuse_mode_still_publishes_port(tmp_path: pathlib.Path) ->
         assert r.port > 0
         _until(lambda: _refused(r.port), 5, "connections refused")
         r.set_mode("ok")
-        _until(lambda: not _refused(r.port), 5, "listening")
+        _until(lambda: _listening(r.port), 5, "listening")
         assert _post(r.url, {"m": "ok"})[0] == 200
     finally:
         r.stop()
