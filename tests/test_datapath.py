@@ -111,6 +111,34 @@ def test_sequential_read_uses_readahead_and_cache(mount):
     assert s["bytes_downloaded"] >= len(data) * 0.9
 
 
+def test_sequential_reader_leaves_only_blocks_ahead_of_it_in_memory(make_mount):
+    """Blocks a sequential reader has passed leave the memory cache (the kernel's page cache
+    holds those bytes): a cold read does not fill the cache, nor fault in a buffer per block."""
+    m = make_mount(fs={"block_size_kb": 1024})
+    data = os.urandom(40 << 20)
+    (m.ws / "seq").write_bytes(data)
+    m.remount()
+    with open(m.ws / "seq", "rb") as f:
+        got = b"".join(iter(lambda: f.read(1 << 20), b""))
+    assert got == data
+    assert _status(m)["bytes_downloaded"] >= len(data)
+    # Without drop-behind all 40 blocks stay cached (the cache holds 512 MiB). The last few
+    # may stay: the kernel's last READs can arrive out of order, which is not read as sequential.
+    wait_for(lambda: _status(m)["memory_cache_bytes"] <= 10 << 20, 10, what="passed blocks to leave the cache",
+             describe=lambda: f"memory cache holds {_status(m)['memory_cache_bytes']} bytes")
+    # A random reader keeps what it fetched: a re-read of the same range costs no download.
+    with open(m.ws / "seq", "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)   # no kernel readahead into block 6
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # each read below reaches the daemon
+        f.seek(5 << 20)
+        assert f.read(4096) == data[5 << 20:(5 << 20) + 4096]
+        before = _status(m)["bytes_downloaded"]
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        f.seek((5 << 20) + 8192)
+        assert f.read(4096) == data[(5 << 20) + 8192:(5 << 20) + 12288]
+    assert _status(m)["bytes_downloaded"] == before
+
+
 def test_a_peer_alone_remembers_no_request_ids(mount):
     """Request ids exist for retries at another leader; alone there is none, so none are kept
     (a busy mount once held hundreds of thousands, and every snapshot serialized them)."""

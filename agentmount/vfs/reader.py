@@ -104,25 +104,49 @@ class Reader:
         end = min(file_size, off + self.readahead_blocks * self.bsize)
         self.nursery.start_soon(self._prefetch, ino, off, end, chunk_size)
 
+    async def _block_keys(self, ino: int, off: int, end: int, chunk_size: int) -> list[tuple[str, int]]:
+        """(key, file offset where that block's bytes end) of every stored block serving [off, end)."""
+        out: list[tuple[str, int]] = []
+        for idx in range(off // chunk_size, (end - 1) // chunk_size + 1):
+            base = idx * chunk_size
+            a, b = max(off, base) - base, min(end, base + chunk_size) - base
+            for g in resolve(await self.meta.slices(ino, idx), a, b):
+                s = g.slice
+                if s is None:
+                    continue
+                for bi in range(s.off // s.bsize, (s.off + s.len - 1) // s.bsize + 1):
+                    out.append((block_key(self.ws, s.sid, bi), base + g.pos + (bi + 1) * s.bsize - s.off))
+        return out
+
     async def _prefetch(self, ino: int, off: int, end: int, chunk_size: int) -> None:
         try:
-            keys: list[str] = []
-            for idx in range(off // chunk_size, (end - 1) // chunk_size + 1):
-                base = idx * chunk_size
-                a, b = max(off, base) - base, min(end, base + chunk_size) - base
-                for g in resolve(await self.meta.slices(ino, idx), a, b):
-                    s = g.slice
-                    if s is None:
-                        continue
-                    for bi in range(s.off // s.bsize, (s.off + s.len - 1) // s.bsize + 1):
-                        keys.append(block_key(self.ws, s.sid, bi))
-            for key in keys:
+            for key, _ in await self._block_keys(ino, off, end, chunk_size):
                 if key in self._prefetching or self.blockio.mem.get(key) is not None:
                     continue
                 self._prefetching.add(key)
                 self.nursery.start_soon(self._fetch_one, key)
         except Exception:  # noqa: BLE001 - prefetch is best effort; the real read reports errors
             pass
+
+    def drop_behind(self, ino: int, off: int, end: int, chunk_size: int) -> None:
+        """A sequential reader has passed [off, end): its blocks leave the memory cache.
+
+        The kernel's page cache now holds those bytes, so a second copy here only
+        crowds out blocks that may still be wanted, and it pins read buffers: a cold
+        read would otherwise fault in (zero) a fresh buffer for every block until the
+        cache is full. Blocks that also serve bytes at or past `end` stay.
+        """
+        if off < end:
+            self.nursery.start_soon(self._drop, ino, off, end, chunk_size)
+
+    async def _drop(self, ino: int, off: int, end: int, chunk_size: int) -> None:
+        try:
+            keys = await self._block_keys(ino, off, end, chunk_size)
+        except Exception:  # noqa: BLE001 - best effort, like prefetch
+            return
+        for key, block_end in keys:
+            if block_end <= end and key not in self._prefetching:
+                self.blockio.mem.discard(key)
 
     async def _fetch_one(self, key: str) -> None:
         try:

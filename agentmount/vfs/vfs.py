@@ -104,7 +104,8 @@ class Workspace:
 
 
 class FileHandle:
-    __slots__ = ("ws", "ino", "writable", "direct", "wrote", "next_off", "ra_block", "unreported", "actor")
+    __slots__ = ("ws", "ino", "writable", "direct", "wrote", "next_off", "ra_block", "behind", "unreported",
+                 "actor")
 
     def __init__(self, ws: Workspace, ino: int, writable: bool, direct: bool = False) -> None:
         self.ws = ws
@@ -118,6 +119,7 @@ class FileHandle:
         self.actor = actor.current()   # the opener, named by the events of close and fsync
         self.next_off = -1
         self.ra_block = -1   # block index readahead was last started from
+        self.behind = 0      # file offset below which this reader's run has let go of cached blocks
 
 
 class DirHandle:
@@ -682,10 +684,18 @@ class VFS:
         assert ws.reader is not None
         data = await ws.reader.read(h.ino, off, size, fsize, ws.meta.chunk_size, d)
         end = off + len(data)
+        bs = self.bsize
+        if off != h.next_off and abs(off - h.next_off) > 2 * bs:
+            h.behind = off // bs * bs   # a seek, not the kernel's readahead arriving out of order
         # Sequential reader: prefetch ahead, once per block entered rather than on every read.
-        if (off == h.next_off or off == 0) and end // self.bsize != h.ra_block:
-            h.ra_block = end // self.bsize
+        if (off == h.next_off or off == 0) and end // bs != h.ra_block:
+            h.ra_block = end // bs
             ws.reader.readahead(h.ino, end, fsize, ws.meta.chunk_size)
+            # Let go of the blocks passed, but the last: a READ of it may still be in flight.
+            passed = (h.ra_block - 1) * bs
+            if passed > h.behind:
+                ws.reader.drop_behind(h.ino, h.behind, passed, ws.meta.chunk_size)
+                h.behind = passed
         h.next_off = end
         return data
 
