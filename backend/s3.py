@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import random
 import threading
 import weakref
@@ -94,6 +95,19 @@ _NOTFOUND, _EXISTS, _RANGE, _TRANSIENT, _PERMANENT = "notfound", "exists", "rang
 
 
 # -- the asyncio loop thread -------------------------------------------------------------
+log = logging.getLogger("agentmount.s3")
+
+
+def _loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """aiohttp sends a request body in a task of its own; when the server drops the connection
+    (a store killed mid-request) that task's ConnectionError is never retrieved. The request
+    itself fails and is retried or reported: that is the error that counts, not this one."""
+    if isinstance(context.get("exception"), ConnectionError) and "never retrieved" in context.get("message", ""):
+        log.debug("S3 request body not sent: %s", context["exception"])
+        return
+    loop.default_exception_handler(context)
+
+
 class _LoopThread:
     """An asyncio event loop in a daemon thread, shared by the S3Stores of the process."""
 
@@ -102,6 +116,7 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(_loop_exception)
         self.users = 0
         self.thread = threading.Thread(target=self._main, name="s3-asyncio", daemon=True)
         self.thread.start()

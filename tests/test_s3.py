@@ -246,3 +246,39 @@ async def test_create_only_put_whose_answer_was_lost(store, monkeypatch):
         await store.put("lost/theirs", b"my bytes", create_only=True)
     assert lose["n"] == 0
     assert await store.get("lost/theirs") == b"their bytes"
+
+
+def test_a_request_body_the_server_dropped_is_not_logged_as_an_error(caplog):
+    """aiohttp writes a request body in a task of its own. When a store dies mid-request that
+    task's ConnectionResetError is never retrieved (the request fails and is retried): asyncio
+    would log it with a traceback at error level. Any other unretrieved exception still is."""
+    import asyncio
+    import gc
+    import logging
+
+    lt = s3mod._LoopThread.acquire()
+    try:
+        assert lt.loop.get_exception_handler() is s3mod._loop_exception
+    finally:
+        lt.release()
+
+    async def dropped_body() -> None:
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    async def bug() -> None:
+        raise ValueError("a bug")
+
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(s3mod._loop_exception)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for fn in (dropped_body, bug):
+                task = loop.create_task(fn())
+                loop.run_until_complete(asyncio.wait([task]))
+                del task
+                gc.collect()
+    finally:
+        loop.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [type(r.exc_info[1]) for r in errors] == [ValueError]
+    assert any("request body not sent" in r.getMessage() and r.levelno == logging.DEBUG for r in caplog.records)
