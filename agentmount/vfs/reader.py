@@ -145,7 +145,7 @@ class Reader:
         except Exception:  # noqa: BLE001 - best effort, like prefetch
             return
         for key, block_end in keys:
-            if block_end <= end and key not in self._prefetching:
+            if block_end <= end:
                 self.blockio.mem.discard(key)
 
     async def _fetch_one(self, key: str) -> None:
